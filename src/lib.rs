@@ -1,0 +1,19 @@
+//! `handover`: a WebSocket reverse proxy for the Genesys Cloud notification service
+//! that hides OAuth token and client-secret rotation from the desktops behind it.
+//!
+//! This crate is the library behind the `handover` binary. See `ARCHITECTURE.md` for
+//! the bird's-eye view and the code map.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod http_server;
+pub mod mock;
+pub mod ws;
+
+/// Installs ring as the process-wide rustls provider. reqwest and tokio-tungstenite
+/// both take the process default, and building a TLS config with no provider
+/// installed panics, so every entry point (main, tests, benches) calls this first.
+pub fn install_crypto_provider() {
+    // An error means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

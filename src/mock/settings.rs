@@ -1,0 +1,190 @@
+//! What the fake Genesys Cloud is configured with, at start and at run time
+//! (`PATCH /__mock/settings`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One OAuth client registered at the fake.
+#[derive(Clone, Deserialize)]
+pub struct ClientSpec {
+    pub id: String,
+    pub secret: String,
+    /// Lifetime of the tokens this client mints (`expires_in`). The real range is
+    /// 300 s to 48 h; the fake accepts 1 s upward so that tests can watch expiry.
+    #[serde(with = "humantime_serde", default = "default_token_ttl")]
+    pub token_ttl: Duration,
+}
+
+impl std::fmt::Debug for ClientSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSpec")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .field("token_ttl", &self.token_ttl)
+            .finish()
+    }
+}
+
+impl ClientSpec {
+    pub fn new(id: impl Into<String>, secret: impl Into<String>, token_ttl: Duration) -> Self {
+        Self {
+            id: id.into(),
+            secret: secret.into(),
+            token_ttl,
+        }
+    }
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+/// How long each kind of call takes to answer. On bare loopback everything answers
+/// in microseconds, which hides the window in which a badly ordered handover loses
+/// events; real service times make that window as wide as it is in production.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceTimes {
+    #[serde(with = "humantime_serde")]
+    pub token: Duration,
+    #[serde(with = "humantime_serde")]
+    pub api: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ws_upgrade: Duration,
+    /// Each delay is drawn uniformly from `base × (1 ± jitter)`.
+    pub jitter: f64,
+}
+
+impl ServiceTimes {
+    /// Roughly what a client in the same region sees from Genesys Cloud.
+    pub const REALISTIC: Self = Self {
+        token: Duration::from_millis(150),
+        api: Duration::from_millis(50),
+        ws_upgrade: Duration::from_millis(50),
+        jitter: 0.2,
+    };
+
+    pub const NONE: Self = Self {
+        token: Duration::ZERO,
+        api: Duration::ZERO,
+        ws_upgrade: Duration::ZERO,
+        jitter: 0.0,
+    };
+
+    /// A delay drawn around `base`.
+    pub fn draw(&self, base: Duration) -> Duration {
+        if base.is_zero() || self.jitter <= 0.0 {
+            return base;
+        }
+        let jitter = self.jitter.min(1.0);
+        base.mul_f64(rand::random_range((1.0 - jitter)..=(1.0 + jitter)))
+    }
+}
+
+/// What a socket is sent just before the fake closes it because its channel died
+/// (token expiry, eviction, channel expiry). Genesys' behaviour here is not
+/// documented; one third-party library reports a `{"result":"404"}` frame, so the
+/// fake can do either and the proxy must survive both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeathNotice {
+    /// Just a close frame.
+    #[default]
+    None,
+    /// `{"result":"404"}`, then a close frame.
+    Result404,
+}
+
+/// Everything about the fake's behaviour that can change while it runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Channels per OAuth client; creating one more silently evicts the oldest.
+    pub max_channels_per_client: usize,
+    #[serde(with = "humantime_serde")]
+    pub channel_ttl: Duration,
+    pub max_topics_per_channel: usize,
+    /// Topic names must be shorter than this.
+    pub max_topic_len: usize,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// API requests per token per minute (0 turns the limit off).
+    pub rate_limit_per_min: u32,
+    /// A channel may only be managed with the token that created it (403 otherwise).
+    /// When off, any token of the same OAuth client may manage it.
+    pub strict_channel_owner: bool,
+    /// Topics the OAuth clients may not see; `*` matches any run of characters.
+    pub deny_topics: Vec<String>,
+    pub service_times: ServiceTimes,
+    pub death_notice: DeathNotice,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_channels_per_client: 20,
+            channel_ttl: Duration::from_secs(24 * 3600),
+            max_topics_per_channel: 1000,
+            max_topic_len: 200,
+            heartbeat: Duration::from_secs(30),
+            rate_limit_per_min: 300,
+            strict_channel_owner: true,
+            deny_topics: Vec::new(),
+            service_times: ServiceTimes::REALISTIC,
+            death_notice: DeathNotice::None,
+        }
+    }
+}
+
+impl Settings {
+    pub fn is_denied(&self, topic: &str) -> bool {
+        self.deny_topics
+            .iter()
+            .any(|pattern| glob_match(pattern, topic))
+    }
+}
+
+/// The fake's whole start-up configuration.
+#[derive(Clone, Debug, Default)]
+pub struct MockConfig {
+    pub clients: Vec<ClientSpec>,
+    pub settings: Settings,
+}
+
+/// `*` matches any (possibly empty) run of characters; everything else literally.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn glob_matches_stars_anywhere() {
+        assert!(glob_match("v2.users.*.presence", "v2.users.42.presence"));
+        assert!(glob_match("*.secret", "v2.secret"));
+        assert!(glob_match("v2.*", "v2."));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(!glob_match("v2.users.*.presence", "v2.users.42.routing"));
+        assert!(!glob_match("a*b*c", "acb"));
+        assert!(glob_match("a*b*c", "axbxc"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+}

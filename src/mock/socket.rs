@@ -1,0 +1,161 @@
+//! `GET /channels/{id}`: the notification WebSocket. One socket per channel,
+//! heartbeats, `{"message":"ping"}` → pong, and whatever the state sends it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+use super::Fake;
+use super::errors::Rejection;
+use super::state::SocketCommand;
+use crate::http_server::{Request, Response};
+use crate::ws::{self, ServerSocket};
+
+const HEARTBEAT: &str =
+    r#"{"topicName":"channel.metadata","eventBody":{"message":"WebSocket Heartbeat"}}"#;
+const PONG: &str = r#"{"topicName":"channel.metadata","eventBody":{"message":"pong"}}"#;
+
+/// Most frames written before one flush, so that a burst costs few syscalls.
+const BATCH: usize = 64;
+
+pub(super) async fn upgrade(
+    fake: &Arc<Fake>,
+    mut req: Request,
+    channel_id: &str,
+) -> Result<Response, Rejection> {
+    let (response, pending) = match ws::accept(&mut req) {
+        Ok(accepted) => accepted,
+        Err(refused) => return Ok(refused.into_response()),
+    };
+    fake.service_time(|t| t.ws_upgrade).await;
+    let socket_id = fake.next_id();
+    let (commands, heartbeat) = {
+        let mut state = fake.state();
+        let commands = state
+            .attach_socket(channel_id, socket_id, Instant::now())
+            .ok_or_else(|| Rejection::not_found(format!("Channel {channel_id} not found")))?;
+        (commands, state.settings.heartbeat)
+    };
+    let task_fake = fake.clone();
+    let channel_id = channel_id.to_owned();
+    fake.tasks.spawn(async move {
+        if let Ok(socket) = pending.open().await {
+            serve_socket(socket, commands, heartbeat, &task_fake.shutdown).await;
+        }
+        task_fake
+            .state()
+            .detach_socket(&channel_id, socket_id, Instant::now());
+    });
+    Ok(response)
+}
+
+async fn serve_socket(
+    mut socket: ServerSocket,
+    mut commands: mpsc::Receiver<SocketCommand>,
+    heartbeat: Duration,
+    shutdown: &CancellationToken,
+) {
+    let mut heartbeats = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(command) = command else {
+                    // The state dropped this socket without a word (its queue was full).
+                    close(&mut socket, None, CloseCode::Error, "socket too slow").await;
+                    return;
+                };
+                if let Some((notice, code, reason)) = write_batch(&mut socket, command, &mut commands).await {
+                    close(&mut socket, notice, code, reason).await;
+                    return;
+                }
+                if socket.flush().await.is_err() {
+                    return;
+                }
+            }
+            message = socket.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    if is_ping(&text) && socket.send(Message::text(PONG)).await.is_err() {
+                        return;
+                    }
+                }
+                // RFC 6455 pings are answered by tungstenite itself.
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            _ = heartbeats.tick() => {
+                if socket.send(Message::text(HEARTBEAT)).await.is_err() {
+                    return;
+                }
+            }
+            _ = shutdown.cancelled() => {
+                close(&mut socket, None, CloseCode::Away, "server shutting down").await;
+                return;
+            }
+        }
+    }
+}
+
+type CloseOrder = (Option<Utf8Bytes>, CloseCode, &'static str);
+
+/// Writes `first` and whatever else is already queued, without flushing. Returns the
+/// close order if one was among them (or a write failed).
+async fn write_batch(
+    socket: &mut ServerSocket,
+    first: SocketCommand,
+    commands: &mut mpsc::Receiver<SocketCommand>,
+) -> Option<CloseOrder> {
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(command) = next.take() {
+        match command {
+            SocketCommand::Frame(text) => {
+                if socket.feed(Message::Text(text)).await.is_err() {
+                    return Some((None, CloseCode::Error, "write failed"));
+                }
+            }
+            SocketCommand::Close {
+                notice,
+                code,
+                reason,
+            } => return Some((notice, code, reason)),
+        }
+        written += 1;
+        if written < BATCH {
+            next = commands.try_recv().ok();
+        }
+    }
+    None
+}
+
+async fn close(
+    socket: &mut ServerSocket,
+    notice: Option<Utf8Bytes>,
+    code: CloseCode,
+    reason: &'static str,
+) {
+    if let Some(notice) = notice {
+        let _ = socket.feed(Message::Text(notice)).await;
+    }
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = socket.close(Some(frame)).await;
+}
+
+fn is_ping(text: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Health<'a> {
+        message: Option<&'a str>,
+    }
+    serde_json::from_str::<Health>(text).is_ok_and(|h| h.message == Some("ping"))
+}
