@@ -1,14 +1,22 @@
 //! The command line: `handover <command>`.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Proxy;
+use crate::auth::TokenSource;
+use crate::config::Config;
 use crate::mock::{self, ClientSpec, MockConfig, ServiceTimes, Settings};
+use crate::upstream::genesys::Genesys;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +31,16 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy.
+    Serve {
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+    },
+    /// Validate a config and try one token mint.
+    Check {
+        #[arg(long, value_name = "PATH")]
+        config: PathBuf,
+    },
     /// Run the fake Genesys Cloud (OAuth + notifications) alone, for tests and trials.
     MockGenesys(MockArgs),
 }
@@ -67,9 +85,50 @@ fn parse_client(value: &str) -> Result<(String, String), String> {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
+            Command::Serve { config } => serve(&config).await,
+            Command::Check { config } => check(&config).await,
             Command::MockGenesys(args) => run_mock(args).await,
         }
     }
+}
+
+async fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let proxy = Proxy::start(config).await?;
+    let mut hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            _ = hangups.recv() => match Config::load(path) {
+                Ok(config) => proxy.reload(config),
+                Err(error) => tracing::error!(%error, "the changed configuration is invalid: keeping the current one"),
+            },
+        }
+    }
+    tracing::info!("shutting down");
+    proxy.stop().await;
+    Ok(())
+}
+
+async fn check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    println!(
+        "{}: valid ({} credential set(s))",
+        path.display(),
+        config.credentials.len()
+    );
+    let genesys = Arc::new(Genesys::new(
+        &config.genesys.login_url,
+        &config.genesys.api_url,
+    )?);
+    let tokens = TokenSource::new(genesys, Arc::new(ArcSwap::from_pointee(config)));
+    let token = tokens.mint().await.context("no token could be minted")?;
+    println!(
+        "minted a token with credential set {:?}, valid for {}",
+        token.credential,
+        humantime::format_duration(token.lifetime)
+    );
+    Ok(())
 }
 
 async fn run_mock(args: MockArgs) -> anyhow::Result<()> {

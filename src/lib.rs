@@ -5,9 +5,18 @@
 //! the bird's-eye view and the code map.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod auth;
 pub mod cli;
+pub mod config;
+pub mod downstream;
+pub mod frame;
 pub mod http_server;
 pub mod mock;
+pub mod router;
+pub mod tls;
+pub mod upstream;
 pub mod ws;
 
 /// Installs ring as the process-wide rustls provider. reqwest and tokio-tungstenite

@@ -1,0 +1,167 @@
+//! The admin listener (never on the client port): health, readiness, metrics, and
+//! the credential drain that makes hard rotation possible.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{CredentialState, DrainError, TokenSource};
+use crate::downstream::sessions::Sessions;
+use crate::http_server::{self, Request, Response, json};
+use crate::router::Router;
+use crate::upstream::pool::Pool;
+
+pub struct Admin {
+    pub tokens: Arc<TokenSource>,
+    pub pool: Arc<Pool>,
+    pub router: Arc<Router>,
+    pub sessions: Arc<Sessions>,
+    pub config: Arc<arc_swap::ArcSwap<crate::config::Config>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Admin {
+    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (req.method(), segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n".into()),
+            (&Method::GET, ["readyz"]) => {
+                if self.shutdown.is_cancelled() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into())
+                } else if self.tokens.has_minted() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "no token yet\n".into())
+                }
+            }
+            (&Method::GET, ["metrics"]) => self.metrics(),
+            (&Method::GET, ["admin", "credentials"]) => {
+                let config = self.config.load();
+                let list: Vec<_> = config
+                    .credentials
+                    .iter()
+                    .map(|c| self.credential(&c.name))
+                    .collect();
+                json(StatusCode::OK, &list)
+            }
+            (&Method::GET, ["admin", "channels"]) => json(StatusCode::OK, &self.pool.channels()),
+            (&Method::POST, ["admin", "credentials", name, "drain"]) => {
+                match self.tokens.drain(name) {
+                    Ok(()) => {
+                        self.pool.credentials_changed();
+                        json(StatusCode::ACCEPTED, &self.credential(name))
+                    }
+                    Err(error) => drain_error(error),
+                }
+            }
+            (&Method::POST, ["admin", "credentials", name, "undrain"]) => {
+                match self.tokens.undrain(name) {
+                    Ok(()) => json(StatusCode::OK, &self.credential(name)),
+                    Err(error) => drain_error(error),
+                }
+            }
+            _ => json(
+                StatusCode::NOT_FOUND,
+                &json!({"message": format!("No resource at {path}"), "code": "not.found", "status": 404}),
+            ),
+        }
+    }
+
+    fn credential(&self, name: &str) -> serde_json::Value {
+        let state = self.tokens.state(name).unwrap_or(CredentialState::Active);
+        json!({"name": name, "state": state, "channels": self.pool.open_channels_of(name)})
+    }
+
+    fn metrics(&self) -> Response {
+        let counters = &self.router.counters;
+        let channels = self.pool.channels();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        metric(
+            "handover_client_channels",
+            "gauge",
+            "Client channels open.",
+            self.sessions.count() as u64,
+        );
+        metric(
+            "handover_topics",
+            "gauge",
+            "Topics with at least one subscriber.",
+            self.router.topic_count() as u64,
+        );
+        metric(
+            "handover_upstream_channels",
+            "gauge",
+            "Upstream channels holding a budget slot.",
+            channels.iter().filter(|c| c.holds_slot).count() as u64,
+        );
+        metric(
+            "handover_upstream_sockets",
+            "gauge",
+            "Upstream sockets open.",
+            channels.iter().filter(|c| c.socket_open).count() as u64,
+        );
+        metric(
+            "handover_handovers_total",
+            "counter",
+            "Planned make-before-break handovers completed.",
+            self.pool.handovers.load(Ordering::Relaxed),
+        );
+        metric(
+            "handover_rebuilds_total",
+            "counter",
+            "Upstream channels rebuilt after an unplanned loss (clients got a gap notice).",
+            self.pool.rebuilds.load(Ordering::Relaxed),
+        );
+        metric(
+            "handover_events_routed_total",
+            "counter",
+            "Upstream events routed (after deduplication).",
+            counters.events_routed.load(Ordering::Relaxed),
+        );
+        metric(
+            "handover_deliveries_total",
+            "counter",
+            "Event frames queued to client sockets.",
+            counters.deliveries.load(Ordering::Relaxed),
+        );
+        metric(
+            "handover_duplicates_suppressed_total",
+            "counter",
+            "Events dropped because another channel delivered them already.",
+            counters.duplicates_suppressed.load(Ordering::Relaxed),
+        );
+        metric(
+            "handover_undeliverable_total",
+            "counter",
+            "Deliveries to subscribers with no open socket or a full queue.",
+            counters.undeliverable.load(Ordering::Relaxed),
+        );
+        http_server::with_body(StatusCode::OK, out.into(), "text/plain; version=0.0.4")
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    http_server::with_body(status, body.into(), "text/plain")
+}
+
+fn drain_error(error: DrainError) -> Response {
+    let status = match error {
+        DrainError::Unknown(_) => StatusCode::NOT_FOUND,
+        DrainError::LastUsable(_) => StatusCode::CONFLICT,
+    };
+    json(
+        status,
+        &json!({"message": error.to_string(), "code": if status == StatusCode::CONFLICT { "conflict" } else { "not.found" }, "status": status.as_u16()}),
+    )
+}

@@ -1,0 +1,197 @@
+//! Wiring: builds the parts from a config, serves the client and admin listeners,
+//! reloads, and shuts down through one `CancellationToken` and one `TaskTracker`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Admin;
+use crate::auth::TokenSource;
+use crate::config::Config;
+use crate::downstream::Downstream;
+use crate::downstream::sessions::Sessions;
+use crate::http_server::{self, Request};
+use crate::router::Router;
+use crate::upstream::genesys::{Genesys, UpstreamError};
+use crate::upstream::pool::Pool;
+
+/// How long shutdown waits for sockets and upstream tokens to be retired.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub client_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub pool: Arc<Pool>,
+    pub tokens: Arc<TokenSource>,
+    pub router: Arc<Router>,
+    config: Arc<ArcSwap<Config>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Proxy {
+    /// Binds both listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let client_listener = bind(config.server.listen).await?;
+        let admin_listener = bind(config.admin.listen).await?;
+        let client_addr = client_listener
+            .local_addr()
+            .map_err(|error| StartError::Listen {
+                addr: config.server.listen,
+                error,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|error| StartError::Listen {
+                addr: config.admin.listen,
+                error,
+            })?;
+        // The default public URL names the listen address; with port 0 only the bound
+        // address is reachable.
+        let public_url = if config.server.public_url == format!("ws://{}", config.server.listen) {
+            format!("ws://{client_addr}")
+        } else {
+            config.server.public_url.clone()
+        };
+
+        let genesys = Arc::new(Genesys::new(
+            &config.genesys.login_url,
+            &config.genesys.api_url,
+        )?);
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let router = Arc::new(Router::new(dedup_window(&config)));
+        let heartbeat = config.server.heartbeat;
+        let client_idle = config.server.client_idle;
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
+        let pool = Pool::new(
+            genesys,
+            tokens.clone(),
+            router.clone(),
+            config.clone(),
+            tasks.clone(),
+            shutdown.clone(),
+        );
+        let sessions = Arc::new(Sessions::new(router.clone(), pool.clone()));
+
+        let downstream = Arc::new(Downstream {
+            sessions: sessions.clone(),
+            public_url,
+            heartbeat,
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let admin = Arc::new(Admin {
+            tokens: tokens.clone(),
+            pool: pool.clone(),
+            router: router.clone(),
+            sessions: sessions.clone(),
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+        });
+        tasks.spawn(http_server::serve(
+            client_listener,
+            move |req: Request| downstream.clone().handle(req),
+            shutdown.clone(),
+        ));
+        tasks.spawn(http_server::serve(
+            admin_listener,
+            move |req: Request| admin.clone().handle(req),
+            shutdown.clone(),
+        ));
+        tasks.spawn(close_idle_channels(
+            sessions,
+            config.clone(),
+            client_idle,
+            shutdown.clone(),
+        ));
+        tracing::info!(%client_addr, %admin_addr, "handover listening");
+        Ok(Self {
+            client_addr,
+            admin_addr,
+            pool,
+            tokens,
+            router,
+            config,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Applies a new config: credentials, limits and timings take effect for the next
+    /// decision; listeners stay as they are (changing them needs a restart).
+    pub fn reload(&self, config: Config) {
+        let current = self.config.load();
+        if config.server.listen != current.server.listen
+            || config.admin.listen != current.admin.listen
+        {
+            tracing::warn!("listen addresses changed: they take effect at the next restart");
+        }
+        self.config.store(Arc::new(config));
+        self.pool.credentials_changed();
+        tracing::info!("configuration reloaded");
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Stops accepting, closes client sockets (1001), retires upstream tokens, and
+    /// waits for it all, at most for the grace period.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over: exiting with tasks still running");
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| StartError::Listen { addr, error })
+}
+
+/// Longer than an overlap plus the skew between two channels' deliveries.
+fn dedup_window(config: &Config) -> Duration {
+    (config.handover.overlap * 2).max(Duration::from_secs(10))
+}
+
+async fn close_idle_channels(
+    sessions: Arc<Sessions>,
+    config: Arc<ArcSwap<Config>>,
+    initial_idle: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut idle = initial_idle;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(idle / 4) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        idle = config.load().server.client_idle;
+        sessions.close_idle(idle);
+    }
+}

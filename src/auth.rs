@@ -1,0 +1,287 @@
+//! Minting tokens: the credential sets in their configured order, the secret re-read
+//! at every mint, one mint in flight per set, rejected secrets set aside until their
+//! file changes, drain state, and back-off.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Secret};
+use crate::upstream::genesys::{Genesys, UpstreamError};
+
+/// A rejected secret is tried again after this long even if its file did not change
+/// (a rejection can be a transient fault on Genesys' side).
+const REJECTION_RECHECK: Duration = Duration::from_secs(60);
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A minted token, pinned to the one upstream channel it creates.
+pub struct Token {
+    pub value: Secret,
+    /// The credential set that minted it.
+    pub credential: Arc<str>,
+    pub expires_at: Instant,
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("value", &"<redacted>")
+            .field("credential", &self.credential)
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialState {
+    Active,
+    Draining,
+    Rejected,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential set could mint a token (last error: {last})")]
+    NoToken {
+        last: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    #[error("no credential set named {0:?}")]
+    Unknown(String),
+    #[error(
+        "{0:?} is the last usable credential set: draining it would leave nothing to mint with"
+    )]
+    LastUsable(String),
+}
+
+#[derive(Default)]
+struct SetState {
+    draining: bool,
+    /// Hash of the secret Genesys refused, and when.
+    rejected: Option<(u64, Instant)>,
+    /// Held for the duration of a mint: one mint in flight per credential set.
+    in_flight: Arc<tokio::sync::Mutex<()>>,
+}
+
+pub struct TokenSource {
+    genesys: Arc<Genesys>,
+    config: Arc<ArcSwap<Config>>,
+    sets: Mutex<HashMap<String, SetState>>,
+    minted_once: AtomicBool,
+}
+
+impl TokenSource {
+    pub fn new(genesys: Arc<Genesys>, config: Arc<ArcSwap<Config>>) -> Self {
+        Self {
+            genesys,
+            config,
+            sets: Mutex::default(),
+            minted_once: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether any token was ever minted (readiness).
+    pub fn has_minted(&self) -> bool {
+        self.minted_once.load(Ordering::Acquire)
+    }
+
+    fn sets(&self) -> std::sync::MutexGuard<'_, HashMap<String, SetState>> {
+        self.sets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One attempt: the first credential set, in configured order, that is not
+    /// draining and whose current secret is not known to be refused.
+    pub async fn mint(&self) -> Result<Token, AuthError> {
+        let config = self.config.load_full();
+        let mut last = String::from("every credential set is draining");
+        let mut retry_after = None;
+        for credential in &config.credentials {
+            let name = credential.name.as_str();
+            let secret = match credential.secret.read() {
+                Ok(secret) => secret,
+                Err(error) => {
+                    tracing::warn!(credential = name, %error, "cannot read the client secret");
+                    last = error.to_string();
+                    continue;
+                }
+            };
+            let fingerprint = fingerprint(&secret);
+            let in_flight = {
+                let mut sets = self.sets();
+                let set = sets.entry(name.to_owned()).or_default();
+                if set.draining {
+                    continue;
+                }
+                if let Some((refused, at)) = set.rejected
+                    && refused == fingerprint
+                    && at.elapsed() < REJECTION_RECHECK
+                {
+                    last = format!("the secret of {name:?} was rejected and has not changed");
+                    continue;
+                }
+                set.in_flight.clone()
+            };
+            let _one_at_a_time = in_flight.lock().await;
+            match self.genesys.mint(&credential.client_id, &secret).await {
+                Ok(minted) => {
+                    if let Some(set) = self.sets().get_mut(name)
+                        && set.rejected.take().is_some()
+                    {
+                        tracing::info!(credential = name, "the client secret is accepted again");
+                    }
+                    self.minted_once.store(true, Ordering::Release);
+                    return Ok(Token {
+                        value: minted.token,
+                        credential: Arc::from(name),
+                        expires_at: Instant::now() + minted.lifetime,
+                        lifetime: minted.lifetime,
+                    });
+                }
+                Err(UpstreamError::CredentialsRejected(reason)) => {
+                    let first_time = self
+                        .sets()
+                        .get_mut(name)
+                        .map(|set| {
+                            set.rejected
+                                .replace((fingerprint, Instant::now()))
+                                .is_none()
+                        })
+                        .unwrap_or(true);
+                    if first_time {
+                        tracing::error!(
+                            credential = name,
+                            %reason,
+                            "Genesys Cloud rejected this client secret: minting with the next credential set \
+                             until the secret file changes"
+                        );
+                    }
+                    last = format!("{name:?}: {reason}");
+                }
+                Err(error) => {
+                    tracing::warn!(credential = name, %error, "token mint failed");
+                    retry_after = retry_after.max(error.retry_after());
+                    last = format!("{name:?}: {error}");
+                }
+            }
+        }
+        Err(AuthError::NoToken { last, retry_after })
+    }
+
+    /// Mints, retrying with jittered exponential back-off (honouring `Retry-After`)
+    /// until it succeeds or `cancel` fires.
+    pub async fn mint_until_success(&self, cancel: &CancellationToken) -> Option<Token> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.mint().await {
+                Ok(token) => return Some(token),
+                Err(AuthError::NoToken { retry_after, .. }) => {
+                    let wait = retry_after.unwrap_or_default().max(backoff.next_wait());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn state(&self, name: &str) -> Option<CredentialState> {
+        let config = self.config.load();
+        config.credentials.iter().find(|c| c.name == name)?;
+        let sets = self.sets();
+        Some(match sets.get(name) {
+            Some(set) if set.draining => CredentialState::Draining,
+            Some(set) if set.rejected.is_some() => CredentialState::Rejected,
+            _ => CredentialState::Active,
+        })
+    }
+
+    pub fn is_draining(&self, name: &str) -> bool {
+        self.sets().get(name).is_some_and(|s| s.draining)
+    }
+
+    /// Marks a credential set as draining: it mints no more tokens. Refused for an
+    /// unknown name and for the last set that is neither draining nor rejected.
+    pub fn drain(&self, name: &str) -> Result<(), DrainError> {
+        let config = self.config.load();
+        if !config.credentials.iter().any(|c| c.name == name) {
+            return Err(DrainError::Unknown(name.to_owned()));
+        }
+        let mut sets = self.sets();
+        let usable_others = config
+            .credentials
+            .iter()
+            .filter(|c| c.name != name)
+            .any(|c| {
+                sets.get(&c.name)
+                    .is_none_or(|s| !s.draining && s.rejected.is_none())
+            });
+        let set = sets.entry(name.to_owned()).or_default();
+        if set.draining {
+            return Ok(());
+        }
+        if !usable_others {
+            return Err(DrainError::LastUsable(name.to_owned()));
+        }
+        set.draining = true;
+        tracing::info!(credential = name, "credential set draining");
+        Ok(())
+    }
+
+    pub fn undrain(&self, name: &str) -> Result<(), DrainError> {
+        let config = self.config.load();
+        if !config.credentials.iter().any(|c| c.name == name) {
+            return Err(DrainError::Unknown(name.to_owned()));
+        }
+        self.sets().entry(name.to_owned()).or_default().draining = false;
+        tracing::info!(credential = name, "credential set back in service");
+        Ok(())
+    }
+}
+
+fn fingerprint(secret: &Secret) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    secret.expose().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Exponential back-off with "equal jitter": each wait is drawn from the upper half
+/// of a ceiling that doubles up to `BACKOFF_MAX`.
+pub struct Backoff {
+    ceiling: Duration,
+}
+
+impl Backoff {
+    pub fn new() -> Self {
+        Self {
+            ceiling: BACKOFF_FIRST,
+        }
+    }
+
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.ceiling.mul_f64(rand::random_range(0.5..=1.0));
+        self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,237 @@
+//! The client-facing listener: Genesys' notification REST surface and the client
+//! WebSockets (`/channels/{id}`, `/stream?topics=…`). Clients send no credentials;
+//! whatever `Authorization` or `purecloud-sdk` headers they send are ignored and
+//! never forwarded.
+
+pub mod error;
+pub mod sessions;
+mod socket;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http_server::{self, Request, Response, json, query_param};
+use crate::ws;
+use error::ClientError;
+use sessions::{Change, ClientChannel, Sessions};
+use socket::ClientSocket;
+
+pub struct Downstream {
+    pub sessions: Arc<Sessions>,
+    /// `ws://host:port` (no trailing slash): the base of every `connectUri`.
+    pub public_url: String,
+    pub heartbeat: std::time::Duration,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+impl Downstream {
+    pub async fn handle(self: Arc<Self>, req: Request) -> Response {
+        match self.route(req).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        }
+    }
+
+    async fn route(&self, req: Request) -> Result<Response, ClientError> {
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = req.method().clone();
+        match segments.as_slice() {
+            ["api", "v2", "notifications", "channels"] => match method {
+                Method::POST => Ok(self.create_channel()),
+                // Genesys lists the caller's own channels; an anonymous caller has none.
+                Method::GET => Ok(json(StatusCode::OK, &json!({ "entities": [] }))),
+                _ => Err(method_not_allowed(&method)),
+            },
+            ["api", "v2", "notifications", "channels", id] => match method {
+                Method::HEAD => {
+                    let status = if self.sessions.get(id).is_some() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::NOT_FOUND
+                    };
+                    let mut response = http_server::empty(status);
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    Ok(response)
+                }
+                _ => Err(method_not_allowed(&method)),
+            },
+            [
+                "api",
+                "v2",
+                "notifications",
+                "channels",
+                id,
+                "subscriptions",
+            ] => {
+                let channel = self.channel(id)?;
+                self.subscriptions(req, &channel).await
+            }
+            ["channels", id] if method == Method::GET => {
+                let channel = self.channel(id)?;
+                self.open_socket(req, channel, false)
+            }
+            ["stream"] if method == Method::GET => self.stream(req).await,
+            _ => Err(ClientError::not_found(format!("No resource at {path}"))),
+        }
+    }
+
+    fn channel(&self, id: &str) -> Result<Arc<ClientChannel>, ClientError> {
+        self.sessions
+            .get(id)
+            .ok_or_else(|| ClientError::not_found(format!("Channel {id} not found")))
+    }
+
+    /// `POST /api/v2/notifications/channels` (any body, including the SDK's `null`).
+    fn create_channel(&self) -> Response {
+        let channel = self.sessions.create();
+        json(
+            StatusCode::OK,
+            &json!({
+                "id": channel.id,
+                "connectUri": format!("{}/channels/{}", self.public_url, channel.id),
+                "expires": humantime::format_rfc3339_millis(channel.expires).to_string(),
+            }),
+        )
+    }
+
+    async fn subscriptions(
+        &self,
+        req: Request,
+        channel: &Arc<ClientChannel>,
+    ) -> Result<Response, ClientError> {
+        let method = req.method().clone();
+        let ignore_errors =
+            query_param(req.uri(), "ignoreErrors").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let change = match method {
+            Method::GET => None,
+            Method::DELETE => Some(Change::RemoveAll),
+            Method::POST | Method::PUT => {
+                let body = http_server::read_body(req.into_body())
+                    .await
+                    .map_err(|e| ClientError::bad_request(e.to_string()))?;
+                let topics = parse_topics(&body)?;
+                Some(if method == Method::POST {
+                    Change::Add(topics)
+                } else {
+                    Change::Replace(topics)
+                })
+            }
+            _ => return Err(method_not_allowed(&method)),
+        };
+        let entities = match change {
+            Some(change) => self.sessions.change(channel, change, ignore_errors).await?,
+            None => sessions::permitted(channel),
+        };
+        Ok(json(StatusCode::OK, &json!({ "entities": entities })))
+    }
+
+    /// `GET /stream?topics=a,b`: one URL, no REST dance. The topics are live upstream
+    /// before the 101 is sent; the channel ends with the socket.
+    async fn stream(&self, mut req: Request) -> Result<Response, ClientError> {
+        let topics: Vec<String> = query_param(req.uri(), "topics")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if topics.is_empty() {
+            return Err(ClientError::bad_request(
+                "name the topics: /stream?topics=a,b",
+            ));
+        }
+        if !ws::is_upgrade_request(req.headers()) {
+            return Err(ClientError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade.required",
+                "/stream only speaks WebSocket",
+            ));
+        }
+        let channel = self.sessions.create();
+        if let Err(error) = self
+            .sessions
+            .change(&channel, Change::Add(topics), false)
+            .await
+        {
+            self.sessions.close(&channel.id);
+            return Err(error);
+        }
+        let opened = self.open_socket_on(&mut req, channel.clone(), true);
+        if opened.is_err() {
+            self.sessions.close(&channel.id);
+        }
+        opened
+    }
+
+    fn open_socket(
+        &self,
+        mut req: Request,
+        channel: Arc<ClientChannel>,
+        ephemeral: bool,
+    ) -> Result<Response, ClientError> {
+        self.open_socket_on(&mut req, channel, ephemeral)
+    }
+
+    fn open_socket_on(
+        &self,
+        req: &mut Request,
+        channel: Arc<ClientChannel>,
+        ephemeral: bool,
+    ) -> Result<Response, ClientError> {
+        let (response, pending) = ws::accept(req).map_err(|refused| {
+            ClientError::new(StatusCode::BAD_REQUEST, "bad.request", refused.to_string())
+        })?;
+        let (generation, outbox) = channel.outbox.attach();
+        let client = ClientSocket {
+            channel: channel.clone(),
+            sessions: self.sessions.clone(),
+            heartbeat: self.heartbeat,
+            shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
+        };
+        let sessions = self.sessions.clone();
+        self.tasks.spawn(async move {
+            match pending.open().await {
+                Ok(socket) => client.serve(socket, generation, outbox).await,
+                Err(_) => channel.outbox.detach(generation),
+            }
+            if ephemeral {
+                sessions.close(&channel.id);
+            }
+        });
+        Ok(response)
+    }
+}
+
+fn method_not_allowed(method: &Method) -> ClientError {
+    ClientError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method.not.allowed",
+        format!("Method {method} is not allowed here"),
+    )
+}
+
+/// `[{"id":"topic"}, …]`.
+fn parse_topics(body: &Bytes) -> Result<Vec<String>, ClientError> {
+    #[derive(Deserialize)]
+    struct TopicRef {
+        id: String,
+    }
+    let topics: Vec<TopicRef> = serde_json::from_slice(body).map_err(|e| {
+        ClientError::bad_request(format!(
+            "The request body must be a JSON array of {{\"id\": topic}}: {e}"
+        ))
+    })?;
+    Ok(topics.into_iter().map(|t| t.id).collect())
+}

@@ -1,0 +1,307 @@
+//! Client channels (the proxy's own notification channels, one per desktop) and
+//! their subscriptions. A subscription change goes to the router (who wants what)
+//! and, on a topic's first or last subscriber, to the upstream pool; the answer
+//! waits until the new topics are live upstream.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use http::StatusCode;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::error::ClientError;
+use crate::router::{Outbox, Router, SessionId};
+use crate::upstream::pool::{Pool, TopicOutcome};
+
+/// Genesys' limits for one channel, applied to client channels too.
+pub const MAX_TOPICS_PER_CLIENT: usize = 1000;
+pub const MAX_TOPIC_LEN: usize = 200;
+/// How long a client's subscription call may wait for its topics to go live.
+const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(60);
+/// A client channel's advertised lifetime (Genesys channels live 24 h).
+const ADVERTISED_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+pub struct ClientChannel {
+    /// The client-facing id: random, URL-safe, unrelated to any upstream id.
+    pub id: String,
+    pub session: SessionId,
+    pub outbox: Arc<Outbox>,
+    pub expires: SystemTime,
+    topics: Mutex<BTreeSet<String>>,
+    /// When its last socket closed (`None` while one is open).
+    detached_since: Mutex<Option<Instant>>,
+}
+
+impl ClientChannel {
+    pub fn topics(&self) -> BTreeSet<String> {
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn socket_opened(&self) {
+        *self
+            .detached_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    pub fn socket_closed(&self) {
+        if !self.outbox.is_attached() {
+            *self
+                .detached_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+    }
+}
+
+/// How a subscription call changes a channel's topics.
+pub enum Change {
+    Add(Vec<String>),
+    Replace(Vec<String>),
+    RemoveAll,
+}
+
+/// One topic of a subscription answer.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicAnswer {
+    pub id: String,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejection_reason: Option<&'static str>,
+}
+
+pub struct Sessions {
+    channels: DashMap<String, Arc<ClientChannel>>,
+    router: Arc<Router>,
+    pool: Arc<Pool>,
+    /// Serialises router and pool transitions, so that a topic's last unsubscribe and
+    /// another client's first subscribe reach the pool in the order they happened.
+    transitions: Mutex<()>,
+    next_session: AtomicU64,
+}
+
+impl Sessions {
+    pub fn new(router: Arc<Router>, pool: Arc<Pool>) -> Self {
+        Self {
+            channels: DashMap::new(),
+            router,
+            pool,
+            transitions: Mutex::new(()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn create(&self) -> Arc<ClientChannel> {
+        let channel = Arc::new(ClientChannel {
+            id: new_channel_id(),
+            session: self.next_session.fetch_add(1, Ordering::Relaxed),
+            outbox: Arc::new(Outbox::default()),
+            expires: SystemTime::now() + ADVERTISED_LIFETIME,
+            topics: Mutex::default(),
+            detached_since: Mutex::new(Some(Instant::now())),
+        });
+        self.channels.insert(channel.id.clone(), channel.clone());
+        channel
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<ClientChannel>> {
+        self.channels.get(id).map(|c| c.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Drops a channel and its subscriptions.
+    pub fn close(&self, id: &str) {
+        if let Some((_, channel)) = self.channels.remove(id) {
+            let topics: Vec<String> =
+                std::mem::take(&mut *channel.topics.lock().unwrap_or_else(|p| p.into_inner()))
+                    .into_iter()
+                    .collect();
+            self.unsubscribe(&channel, &topics);
+        }
+    }
+
+    /// Closes channels whose socket has been gone for longer than `idle`.
+    pub fn close_idle(&self, idle: Duration) {
+        let idle_ids: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|c| {
+                let since = *c.detached_since.lock().unwrap_or_else(|p| p.into_inner());
+                since.is_some_and(|s| s.elapsed() >= idle)
+            })
+            .map(|c| c.id.clone())
+            .collect();
+        for id in idle_ids {
+            self.close(&id);
+        }
+    }
+
+    /// Applies a subscription change and answers once the new topics are live.
+    pub async fn change(
+        &self,
+        channel: &Arc<ClientChannel>,
+        change: Change,
+        ignore_errors: bool,
+    ) -> Result<Vec<TopicAnswer>, ClientError> {
+        let (added, removed) = {
+            let mut topics = channel.topics.lock().unwrap_or_else(|p| p.into_inner());
+            let next: BTreeSet<String> = match &change {
+                Change::Add(new) => topics.iter().cloned().chain(new.iter().cloned()).collect(),
+                Change::Replace(new) => new.iter().cloned().collect(),
+                Change::RemoveAll => BTreeSet::new(),
+            };
+            validate(&next)?;
+            let added: Vec<String> = next.difference(&topics).cloned().collect();
+            let removed: Vec<String> = topics.difference(&next).cloned().collect();
+            *topics = next;
+            (added, removed)
+        };
+        self.unsubscribe(channel, &removed);
+        if !added.is_empty() {
+            {
+                let _serial = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+                let first = self.router.add(channel.session, &channel.outbox, &added);
+                self.pool.want(&first);
+            }
+            let outcomes = self
+                .pool
+                .wait(&added, Instant::now() + SUBSCRIBE_DEADLINE)
+                .await;
+            let failure = self.judge(&outcomes, ignore_errors);
+            let rollback: Vec<String> = match &failure {
+                Some(_) => added.clone(),
+                None => outcomes
+                    .iter()
+                    .filter(|(_, o)| *o == TopicOutcome::Rejected)
+                    .map(|(t, _)| t.clone())
+                    .collect(),
+            };
+            if !rollback.is_empty() {
+                channel
+                    .topics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|t| !rollback.contains(t));
+                self.unsubscribe(channel, &rollback);
+            }
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            let mut answer = permitted(channel);
+            answer.extend(rollback.into_iter().map(|id| TopicAnswer {
+                id,
+                state: "Rejected",
+                rejection_reason: Some("MissingPermissions"),
+            }));
+            return Ok(answer);
+        }
+        Ok(permitted(channel))
+    }
+
+    /// The error for the whole request, if any topic failed in a way that fails it.
+    fn judge(
+        &self,
+        outcomes: &[(String, TopicOutcome)],
+        ignore_errors: bool,
+    ) -> Option<ClientError> {
+        let failed =
+            |want: &dyn Fn(&TopicOutcome) -> bool| outcomes.iter().filter(|(_, o)| want(o)).count();
+        let no_capacity = failed(&|o| *o == TopicOutcome::NoCapacity);
+        if no_capacity > 0 {
+            let config = self.pool.config.load();
+            return Some(ClientError::new(
+                StatusCode::BAD_REQUEST,
+                "notification.capacity.exceeded",
+                format!(
+                    "The proxy has no upstream capacity for {no_capacity} more topic(s): at most {} channels of {} topics, \
+                     one channel kept free for handovers",
+                    config.upstream.max_channels - 1,
+                    config.upstream.max_topics_per_channel
+                ),
+            ));
+        }
+        let rejected: Vec<&str> = outcomes
+            .iter()
+            .filter(|(_, o)| *o == TopicOutcome::Rejected)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        if !rejected.is_empty() && !ignore_errors {
+            return Some(ClientError::new(
+                StatusCode::FORBIDDEN,
+                "missing.permissions",
+                format!("Missing permission to subscribe to topic {}", rejected[0]),
+            ));
+        }
+        if let Some((topic, TopicOutcome::Failed(why))) = outcomes
+            .iter()
+            .find(|(_, o)| matches!(o, TopicOutcome::Failed(_)))
+        {
+            return Some(ClientError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service.unavailable",
+                format!("Topic {topic} could not be subscribed upstream: {why}"),
+            ));
+        }
+        None
+    }
+
+    fn unsubscribe(&self, channel: &ClientChannel, topics: &[String]) {
+        if topics.is_empty() {
+            return;
+        }
+        let _serial = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let last = self.router.remove(channel.session, topics);
+        self.pool.release(&last);
+    }
+}
+
+/// The channel's topics, as a subscription answer lists them.
+pub fn permitted(channel: &ClientChannel) -> Vec<TopicAnswer> {
+    channel
+        .topics()
+        .into_iter()
+        .map(|id| TopicAnswer {
+            id,
+            state: "Permitted",
+            rejection_reason: None,
+        })
+        .collect()
+}
+
+fn validate(topics: &BTreeSet<String>) -> Result<(), ClientError> {
+    if topics.len() > MAX_TOPICS_PER_CLIENT {
+        return Err(ClientError::bad_request(format!(
+            "A channel may subscribe to at most {MAX_TOPICS_PER_CLIENT} topics ({} requested)",
+            topics.len()
+        )));
+    }
+    if let Some(bad) = topics.iter().find(|t| {
+        t.is_empty() || t.chars().count() >= MAX_TOPIC_LEN || t.chars().any(char::is_control)
+    }) {
+        return Err(ClientError::bad_request(format!(
+            "Topic names must be 1 to {} printable characters: {:?}",
+            MAX_TOPIC_LEN - 1,
+            bad.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+fn new_channel_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let suffix: String = (0..26)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("handover-{suffix}")
+}

@@ -1,0 +1,378 @@
+//! Who wants which topic, and fan-out of upstream frames to them.
+//!
+//! The router keeps, for every topic, the client sessions subscribed to it, and
+//! reports when a topic gains its first subscriber or loses its last (the upstream
+//! pool subscribes and unsubscribes upstream on those transitions). An upstream
+//! frame is routed by its topic and shared, unchanged, by every subscriber. Events
+//! are deduplicated on `(topic, CorrelationId)` (the frame's bytes when it has none)
+//! over a window longer than a handover's overlap, so an event that arrives on both
+//! the old and the new channel reaches each client once.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+pub type SessionId = u64;
+
+/// Frames queued per client before it counts as too slow and is disconnected.
+pub const CLIENT_QUEUE: usize = 1024;
+
+/// Where the frames of one client session go: the socket currently open for it, if
+/// any. A new socket replaces the old one; a socket that cannot keep up is cut off
+/// (its queue is dropped, which ends its task) rather than buffered without bound.
+#[derive(Default)]
+pub struct Outbox {
+    sender: ArcSwapOption<Attached>,
+    generation: AtomicU64,
+}
+
+struct Attached {
+    generation: u64,
+    tx: mpsc::Sender<Utf8Bytes>,
+}
+
+impl Outbox {
+    /// Attaches a new socket, detaching any previous one. Returns the socket's
+    /// generation and its queue.
+    pub fn attach(&self) -> (u64, mpsc::Receiver<Utf8Bytes>) {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        self.sender
+            .store(Some(Arc::new(Attached { generation, tx })));
+        (generation, rx)
+    }
+
+    /// Detaches the socket of `generation`, if it is still the current one.
+    pub fn detach(&self, generation: u64) {
+        let current = self.sender.load();
+        if current.as_ref().is_some_and(|a| a.generation == generation) {
+            self.sender.compare_and_swap(&*current, None);
+        }
+    }
+
+    /// Whether a socket of `generation` was replaced by a newer one.
+    pub fn replaced(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::Acquire) != generation
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.sender.load().is_some()
+    }
+
+    /// Queues a frame for the socket. `false` if no socket is open or it was too slow.
+    pub fn send(&self, frame: &Utf8Bytes) -> bool {
+        let guard = self.sender.load();
+        let Some(attached) = guard.as_ref() else {
+            return false;
+        };
+        match attached.tx.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("client socket too slow: disconnecting it");
+                self.detach(attached.generation);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+struct Subscriber {
+    session: SessionId,
+    outbox: Arc<Outbox>,
+}
+
+/// Counters the router keeps for metrics and tests.
+#[derive(Default)]
+pub struct RouterCounters {
+    pub events_routed: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub duplicates_suppressed: AtomicU64,
+    pub undeliverable: AtomicU64,
+}
+
+pub struct Router {
+    subscribers: RwLock<HashMap<String, Vec<Subscriber>>>,
+    dedup: Mutex<Dedup>,
+    pub counters: RouterCounters,
+}
+
+impl Router {
+    /// `dedup_window` must exceed a handover's overlap plus the delivery skew between
+    /// two channels.
+    pub fn new(dedup_window: Duration) -> Self {
+        Self {
+            subscribers: RwLock::default(),
+            dedup: Mutex::new(Dedup::new(dedup_window)),
+            counters: RouterCounters::default(),
+        }
+    }
+
+    /// Subscribes a session to topics; returns the topics that had no subscriber before.
+    pub fn add(&self, session: SessionId, outbox: &Arc<Outbox>, topics: &[String]) -> Vec<String> {
+        let mut map = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
+        let mut first = Vec::new();
+        for topic in topics {
+            let list = map.entry(topic.clone()).or_default();
+            if list.iter().any(|s| s.session == session) {
+                continue;
+            }
+            if list.is_empty() {
+                first.push(topic.clone());
+            }
+            list.push(Subscriber {
+                session,
+                outbox: outbox.clone(),
+            });
+        }
+        first
+    }
+
+    /// Unsubscribes a session from topics; returns the topics left with no subscriber.
+    pub fn remove(&self, session: SessionId, topics: &[String]) -> Vec<String> {
+        let mut map = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
+        let mut last = Vec::new();
+        for topic in topics {
+            let Some(list) = map.get_mut(topic) else {
+                continue;
+            };
+            let before = list.len();
+            list.retain(|s| s.session != session);
+            if list.is_empty() {
+                map.remove(topic);
+                if before > 0 {
+                    last.push(topic.clone());
+                }
+            }
+        }
+        last
+    }
+
+    /// Delivers an upstream event to the topic's subscribers, unless it was delivered
+    /// already. Returns the number of sockets it was queued on.
+    pub fn route(&self, topic: &str, correlation_id: Option<&str>, frame: &Utf8Bytes) -> usize {
+        let key = dedup_key(topic, correlation_id, frame);
+        let first_time = self
+            .dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_sighting(key, Instant::now());
+        if !first_time {
+            self.counters
+                .duplicates_suppressed
+                .fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        self.counters.events_routed.fetch_add(1, Ordering::Relaxed);
+        let map = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = map.get(topic) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for subscriber in list {
+            if subscriber.outbox.send(frame) {
+                delivered += 1;
+            } else {
+                self.counters.undeliverable.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.counters
+            .deliveries
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// Tells every session subscribed to any of `topics` that events on them may have
+    /// been lost between `from` and `to`, naming only that session's topics.
+    pub fn notify_gap(&self, topics: &[String], from: SystemTime, to: SystemTime) {
+        let map = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
+        let mut per_session: BTreeMap<SessionId, (Arc<Outbox>, Vec<&str>)> = BTreeMap::new();
+        for topic in topics {
+            for subscriber in map.get(topic).into_iter().flatten() {
+                per_session
+                    .entry(subscriber.session)
+                    .or_insert_with(|| (subscriber.outbox.clone(), Vec::new()))
+                    .1
+                    .push(topic);
+            }
+        }
+        for (outbox, topics) in per_session.into_values() {
+            outbox.send(&gap_frame(from, to, &topics));
+        }
+    }
+
+    /// How many topics have at least one subscriber.
+    pub fn topic_count(&self) -> usize {
+        self.subscribers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+/// `{"topicName":"handover.gap","eventBody":{"from","to","topics"}}`.
+pub fn gap_frame(from: SystemTime, to: SystemTime, topics: &[&str]) -> Utf8Bytes {
+    let frame = serde_json::json!({
+        "topicName": "handover.gap",
+        "eventBody": {
+            "from": humantime::format_rfc3339_millis(from).to_string(),
+            "to": humantime::format_rfc3339_millis(to).to_string(),
+            "topics": topics,
+        },
+    });
+    Utf8Bytes::from(frame.to_string())
+}
+
+fn dedup_key(topic: &str, correlation_id: Option<&str>, frame: &Utf8Bytes) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    match correlation_id {
+        Some(id) => (topic, id).hash(&mut hasher),
+        None => frame.as_str().hash(&mut hasher),
+    }
+    hasher.finish()
+}
+
+/// Keys seen in the current and the previous window: a key is remembered for at
+/// least one window and at most two, in bounded memory.
+struct Dedup {
+    current: HashSet<u64>,
+    previous: HashSet<u64>,
+    since: Instant,
+    window: Duration,
+}
+
+impl Dedup {
+    fn new(window: Duration) -> Self {
+        Self {
+            current: HashSet::new(),
+            previous: HashSet::new(),
+            since: Instant::now(),
+            window,
+        }
+    }
+
+    fn first_sighting(&mut self, key: u64, now: Instant) -> bool {
+        if now.duration_since(self.since) >= self.window {
+            self.previous = std::mem::take(&mut self.current);
+            self.since = now;
+        }
+        !self.previous.contains(&key) && self.current.insert(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn first_and_last_subscribers_are_reported() {
+        let router = Router::new(Duration::from_secs(10));
+        let a = Arc::new(Outbox::default());
+        let b = Arc::new(Outbox::default());
+        assert_eq!(router.add(1, &a, &topics(&["x", "y"])), topics(&["x", "y"]));
+        assert_eq!(router.add(2, &b, &topics(&["y", "z"])), topics(&["z"]));
+        assert_eq!(
+            router.add(2, &b, &topics(&["y"])),
+            Vec::<String>::new(),
+            "idempotent"
+        );
+        assert_eq!(router.remove(1, &topics(&["x", "y"])), topics(&["x"]));
+        assert_eq!(
+            router.remove(2, &topics(&["y", "z", "never"])),
+            topics(&["y", "z"])
+        );
+        assert_eq!(router.topic_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_event_seen_on_two_channels_is_delivered_once() {
+        let router = Router::new(Duration::from_secs(10));
+        let outbox = Arc::new(Outbox::default());
+        let (_, rx) = outbox.attach();
+        router.add(1, &outbox, &topics(&["t"]));
+        let frame =
+            Utf8Bytes::from_static(r#"{"topicName":"t","metadata":{"CorrelationId":"c1"}}"#);
+        assert_eq!(router.route("t", Some("c1"), &frame), 1);
+        assert_eq!(
+            router.route("t", Some("c1"), &frame),
+            0,
+            "same event from the other channel"
+        );
+        assert_eq!(router.route("t", Some("c2"), &frame), 1);
+        let bare = Utf8Bytes::from_static(r#"{"topicName":"t"}"#);
+        assert_eq!(router.route("t", None, &bare), 1);
+        assert_eq!(
+            router.route("t", None, &bare),
+            0,
+            "no correlation id: the bytes decide"
+        );
+        assert_eq!(rx.len(), 3);
+        assert_eq!(
+            router
+                .counters
+                .duplicates_suppressed
+                .load(Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dedup_forgets_after_two_windows() {
+        let mut dedup = Dedup::new(Duration::from_secs(5));
+        let start = Instant::now();
+        assert!(dedup.first_sighting(7, start));
+        assert!(!dedup.first_sighting(7, start + Duration::from_secs(6)));
+        assert!(!dedup.first_sighting(7, start + Duration::from_secs(9)));
+        assert!(dedup.first_sighting(7, start + Duration::from_secs(17)));
+    }
+
+    #[tokio::test]
+    async fn a_new_socket_replaces_the_old_and_a_slow_one_is_cut_off() {
+        let outbox = Outbox::default();
+        let (first, mut first_rx) = outbox.attach();
+        let (second, second_rx) = outbox.attach();
+        assert!(outbox.replaced(first));
+        assert!(
+            first_rx.recv().await.is_none(),
+            "the old socket's queue ends"
+        );
+        let frame = Utf8Bytes::from_static("{}");
+        for _ in 0..CLIENT_QUEUE {
+            assert!(outbox.send(&frame));
+        }
+        assert!(!outbox.send(&frame), "the queue is full");
+        assert!(!outbox.is_attached());
+        assert!(!outbox.replaced(second));
+        assert_eq!(second_rx.len(), CLIENT_QUEUE);
+    }
+
+    #[tokio::test]
+    async fn a_gap_notice_names_only_the_sessions_own_topics() {
+        let router = Router::new(Duration::from_secs(10));
+        let a = Arc::new(Outbox::default());
+        let (_, mut rx) = a.attach();
+        router.add(1, &a, &topics(&["x"]));
+        let b = Arc::new(Outbox::default());
+        let (_, mut rx_b) = b.attach();
+        router.add(2, &b, &topics(&["y"]));
+        let t = SystemTime::UNIX_EPOCH;
+        router.notify_gap(&topics(&["x", "z"]), t, t + Duration::from_secs(1));
+        let frame: serde_json::Value = serde_json::from_str(&rx.recv().await.unwrap()).unwrap();
+        assert_eq!(frame["topicName"], "handover.gap");
+        assert_eq!(frame["eventBody"]["topics"], serde_json::json!(["x"]));
+        assert_eq!(frame["eventBody"]["from"], "1970-01-01T00:00:00.000Z");
+        assert!(rx_b.try_recv().is_err());
+    }
+}

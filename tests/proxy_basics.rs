@@ -1,0 +1,135 @@
+//! The proxy end to end against the fake with realistic service times: channels,
+//! subscriptions, fan-out, the frames the proxy writes itself.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::*;
+use common::*;
+use handover::mock::{ClientSpec, MockConfig, Settings};
+use reqwest::Method;
+use serde_json::json;
+
+const A: Credential = Credential {
+    name: "primary",
+    client_id: "client-a",
+};
+
+async fn setup(
+    extra: &str,
+) -> (
+    handover::mock::MockGenesys,
+    Api,
+    handover::app::Proxy,
+    Api,
+    Api,
+    Secrets,
+) {
+    let config = MockConfig {
+        clients: vec![ClientSpec::new(
+            "client-a",
+            "secret-a",
+            Duration::from_secs(3600),
+        )],
+        settings: Settings::default(),
+    };
+    let (fake, fake_api) = start(config).await;
+    let secrets = Secrets::new();
+    secrets.write("primary", "secret-a");
+    let config = proxy_config(&fake.base_url(), &secrets, &[A], extra);
+    let (proxy, client, admin) = start_proxy(config).await;
+    (fake, fake_api, proxy, client, admin, secrets)
+}
+
+#[tokio::test]
+async fn desktops_share_one_upstream_channel_and_get_each_event_once() {
+    let (_fake, fake_api, _proxy, client, admin, _secrets) = setup("").await;
+    let a = Desktop::connect(&client, &topics("v2.users", 2)).await;
+    let b = Desktop::connect(&client, &topics("v2.users", 3)).await;
+
+    let stream = start_stream(&fake_api, &topics("v2.users", 4), 200.0, 40).await;
+    stream_done(&fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
+    let all = topics("v2.users", 4);
+    let (lost, duplicated, unexpected) = settle(&[a, b], &|d| d.expected(stream, &all, 40)).await;
+    assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
+
+    let stats = fake_api.stats().await;
+    assert_eq!(
+        stats["clients"]["client-a"]["channels_created"], 1,
+        "one upstream channel for both"
+    );
+    assert_eq!(
+        stats["subscriptions"], 3,
+        "the union of the desktops' topics"
+    );
+    let ready = admin
+        .send(admin.http.get(format!("{}/readyz", admin.base)))
+        .await;
+    assert_eq!(ready.status, 200);
+}
+
+#[tokio::test]
+async fn the_proxy_answers_pings_and_never_forwards_system_frames() {
+    let (_fake, fake_api, _proxy, client, _admin, _secrets) =
+        setup("[upstream]\nmax_channels = 2\n").await;
+    let created = client
+        .send(
+            client
+                .http
+                .post(format!("{}/api/v2/notifications/channels", client.base))
+                .body("null"),
+        )
+        .await;
+    let uri = created.body["connectUri"].as_str().unwrap().to_owned();
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    assert!(created.body["expires"].as_str().unwrap().ends_with('Z'));
+    let mut socket = connect(&uri).await;
+    send_text(&mut socket, r#"{"message":"ping"}"#).await;
+    match next_non_heartbeat(&mut socket).await {
+        Next::Text(frame) => assert_eq!(
+            frame,
+            json!({"topicName": "channel.metadata", "eventBody": {"message": "pong"}})
+        ),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    // In-band subscribe, as a third-party library does it.
+    send_text(
+        &mut socket,
+        r#"{"message":"subscribe","topics":["v2.a"],"correlationId":"c-1"}"#,
+    )
+    .await;
+    match next_non_heartbeat(&mut socket).await {
+        Next::Text(frame) => assert_eq!(
+            frame,
+            json!({"correlationId": "c-1", "result": "200", "status": "subscribed"})
+        ),
+        other => panic!("expected the subscribe answer, got {other:?}"),
+    }
+    let listed = client
+        .call(
+            Method::GET,
+            &format!("/api/v2/notifications/channels/{id}/subscriptions"),
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(
+        listed.body["entities"],
+        json!([{"id": "v2.a", "state": "Permitted"}])
+    );
+
+    // A maintenance close upstream is a handover: the client sees no system frame.
+    let warned = fake_api
+        .control(Method::POST, "socket-closing", json!({"close_after": "2s"}))
+        .await;
+    assert_eq!(warned.body["channels"].as_array().unwrap().len(), 1);
+    fake_api.publish("v2.a").await;
+    match next_non_heartbeat(&mut socket).await {
+        Next::Text(frame) => assert_eq!(
+            frame["topicName"], "v2.a",
+            "system frames are not forwarded"
+        ),
+        other => panic!("expected the event, got {other:?}"),
+    }
+}
