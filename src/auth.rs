@@ -20,6 +20,8 @@ use crate::upstream::genesys::{Genesys, UpstreamError};
 /// A rejected secret is tried again after this long even if its file did not change
 /// (a rejection can be a transient fault on Genesys' side).
 const REJECTION_RECHECK: Duration = Duration::from_secs(60);
+/// How often secret files are re-read while every secret is known to be refused.
+const SECRET_POLL: Duration = Duration::from_millis(200);
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -56,6 +58,9 @@ pub enum AuthError {
     NoToken {
         last: String,
         retry_after: Option<Duration>,
+        /// Whether Genesys was asked at all (not when every secret is known to be
+        /// refused and unchanged): only then does the back-off grow.
+        asked_genesys: bool,
     },
 }
 
@@ -110,6 +115,7 @@ impl TokenSource {
         let config = self.config.load_full();
         let mut last = String::from("every credential set is draining");
         let mut retry_after = None;
+        let mut asked_genesys = false;
         for credential in &config.credentials {
             let name = credential.name.as_str();
             let secret = match credential.secret.read() {
@@ -137,6 +143,7 @@ impl TokenSource {
                 set.in_flight.clone()
             };
             let _one_at_a_time = in_flight.lock().await;
+            asked_genesys = true;
             match self.genesys.mint(&credential.client_id, &secret).await {
                 Ok(minted) => {
                     if let Some(set) = self.sets().get_mut(name)
@@ -179,7 +186,11 @@ impl TokenSource {
                 }
             }
         }
-        Err(AuthError::NoToken { last, retry_after })
+        Err(AuthError::NoToken {
+            last,
+            retry_after,
+            asked_genesys,
+        })
     }
 
     /// Mints, retrying with jittered exponential back-off (honouring `Retry-After`)
@@ -189,8 +200,18 @@ impl TokenSource {
         loop {
             match self.mint().await {
                 Ok(token) => return Some(token),
-                Err(AuthError::NoToken { retry_after, .. }) => {
-                    let wait = retry_after.unwrap_or_default().max(backoff.next_wait());
+                Err(AuthError::NoToken {
+                    retry_after,
+                    asked_genesys,
+                    ..
+                }) => {
+                    // Nothing was sent: poll the secret files at a steady pace, so a
+                    // rotated secret is used as soon as it is written.
+                    let wait = if asked_genesys {
+                        retry_after.unwrap_or_default().max(backoff.next_wait())
+                    } else {
+                        SECRET_POLL
+                    };
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = cancel.cancelled() => return None,

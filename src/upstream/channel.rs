@@ -95,7 +95,10 @@ async fn establish(pool: &Arc<Pool>, key: ChannelKey) -> Option<Live> {
             Err(error) => {
                 tracing::warn!(%error, credential = %token.credential, "could not open an upstream channel");
                 retire_token(pool, &token).await;
-                let wait = error.retry_after().unwrap_or_default().max(backoff.next_wait());
+                let wait = error
+                    .retry_after()
+                    .unwrap_or_default()
+                    .max(backoff.next_wait());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = pool.shutdown.cancelled() => return None,
@@ -266,8 +269,10 @@ impl Live {
                     self.overlap(pool).await;
                 }
                 let _ = self.socket.close(None).await;
-                pool.socket_state(key, &credential, false);
+                // Retire first, report closed after: once an operator sees a drained
+                // credential at 0 channels, none of its tokens is in use any more.
                 retire_token(pool, &self.token).await;
+                pool.socket_state(key, &credential, false);
             }
             Ending::Lost { gone } => {
                 let since = SystemTime::now() - self.last_frame.elapsed();
@@ -279,8 +284,8 @@ impl Live {
             }
             Ending::Shutdown => {
                 let _ = self.socket.close(None).await;
-                pool.socket_state(key, &credential, false);
                 retire_token(pool, &self.token).await;
+                pool.socket_state(key, &credential, false);
             }
         }
         pool.free_slot(key);
