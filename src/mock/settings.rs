@@ -108,8 +108,12 @@ pub struct Settings {
     pub max_topic_len: usize,
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
-    /// API requests per token per minute (0 turns the limit off).
+    /// API requests per token per `rate_window` (0 turns the limit off).
     pub rate_limit_per_min: u32,
+    /// The rate limit's sliding window: a minute at Genesys; shorter in tests that
+    /// want to see a 429 and its recovery quickly.
+    #[serde(with = "humantime_serde")]
+    pub rate_window: Duration,
     /// A channel may only be managed with the token that created it (403 otherwise).
     /// When off, any token of the same OAuth client may manage it.
     pub strict_channel_owner: bool,
@@ -128,6 +132,7 @@ impl Default for Settings {
             max_topic_len: 200,
             heartbeat: Duration::from_secs(30),
             rate_limit_per_min: 300,
+            rate_window: Duration::from_secs(60),
             strict_channel_owner: true,
             deny_topics: Vec::new(),
             service_times: ServiceTimes::REALISTIC,

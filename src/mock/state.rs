@@ -20,7 +20,6 @@ use super::settings::{ClientSpec, DeathNotice, Settings};
 /// (Genesys does not buffer for slow readers either).
 pub const SOCKET_QUEUE: usize = 8192;
 const REJECTIONS_KEPT: usize = 10_000;
-const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// What a socket task is told to do.
 #[derive(Debug)]
@@ -63,7 +62,7 @@ struct OAuthClient {
 struct Token {
     client_id: String,
     expires_at: Instant,
-    /// Times of this token's API requests inside the last minute (rate limit).
+    /// Times of this token's API requests inside the rate window.
     recent_requests: VecDeque<Instant>,
 }
 
@@ -278,6 +277,7 @@ impl State {
             ));
         };
         let limit = self.settings.rate_limit_per_min as usize;
+        let window = self.settings.rate_window;
         let Some(token) = self.tokens.get_mut(bearer).filter(|t| t.expires_at > now) else {
             return Err(Rejection::unauthenticated(
                 "bad.credentials",
@@ -290,13 +290,13 @@ impl State {
         while token
             .recent_requests
             .front()
-            .is_some_and(|&t| t + RATE_WINDOW <= now)
+            .is_some_and(|&t| t + window <= now)
         {
             token.recent_requests.pop_front();
         }
         if token.recent_requests.len() >= limit {
             let oldest = token.recent_requests[0];
-            let wait = (oldest + RATE_WINDOW).saturating_duration_since(now);
+            let wait = (oldest + window).saturating_duration_since(now);
             return Err(Rejection::rate_limited(
                 wait.as_secs_f64().ceil().max(1.0) as u64
             ));
