@@ -41,6 +41,10 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
     },
+    /// Run the fake Genesys Cloud, the proxy and simulated desktops in one process,
+    /// rotating secrets on a schedule; exit 0 only if nothing was lost, duplicated or
+    /// disconnected.
+    Demo,
     /// Run the fake Genesys Cloud (OAuth + notifications) alone, for tests and trials.
     MockGenesys(MockArgs),
 }
@@ -87,6 +91,7 @@ impl Cli {
         match self.command {
             Command::Serve { config } => serve(&config).await,
             Command::Check { config } => check(&config).await,
+            Command::Demo => crate::demo::run().await,
             Command::MockGenesys(args) => run_mock(args).await,
         }
     }

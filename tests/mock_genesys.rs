@@ -200,6 +200,7 @@ async fn the_21st_channel_silently_evicts_the_oldest_idle_one_first() {
     let stats = api.stats().await;
     assert_eq!(stats["clients"][CLIENT]["live_channels"], 20);
     assert_eq!(stats["clients"][CLIENT]["peak_channels"], 20);
+    assert_eq!(stats["counters"]["peak_live_channels"], 20);
     assert_eq!(stats["counters"]["evictions"], 1);
 
     // Once every channel has a socket, the least recently used one goes, socket and all.

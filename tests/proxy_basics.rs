@@ -45,8 +45,8 @@ async fn setup(
 #[tokio::test]
 async fn desktops_share_one_upstream_channel_and_get_each_event_once() {
     let (_fake, fake_api, _proxy, client, admin, _secrets) = setup("").await;
-    let a = Desktop::connect(&client, &topics("v2.users", 2)).await;
-    let b = Desktop::connect(&client, &topics("v2.users", 3)).await;
+    let a = desktop(&client, &topics("v2.users", 2)).await;
+    let b = desktop(&client, &topics("v2.users", 3)).await;
 
     let stream = start_stream(&fake_api, &topics("v2.users", 4), 200.0, 40).await;
     stream_done(&fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;

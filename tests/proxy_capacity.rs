@@ -60,7 +60,7 @@ async fn topics_pack_onto_two_channels_keeping_the_third_free_and_overflow_is_re
     let mut desktops = Vec::new();
     for d in 0..30 {
         let mine: Vec<String> = (0..40).map(|t| format!("v2.users.{d}.t{t}")).collect();
-        desktops.push(Desktop::connect(&client, &mine).await);
+        desktops.push(desktop(&client, &mine).await);
     }
     let serving = |proxy: &handover::app::Proxy| {
         proxy
@@ -184,7 +184,7 @@ async fn a_throttled_token_endpoint_is_backed_off_without_a_busy_loop_and_recove
     // A desktop subscribes while the token endpoint throttles.
     let subscribing = tokio::spawn({
         let client = client.clone();
-        async move { Desktop::connect(&client, &["v2.t".to_owned()]).await }
+        async move { desktop(&client, &["v2.t".to_owned()]).await }
     });
     tokio::time::sleep(Duration::from_secs(4)).await;
     let throttled = fake_api.stats().await["counters"]["rejected_total"]
@@ -230,7 +230,7 @@ async fn api_429s_are_honoured_and_recovered_from() {
     // Subscriptions arriving one by one: more calls than the limit allows.
     let mut desktops = Vec::new();
     for d in 0..8 {
-        desktops.push(Desktop::connect(&client, &[format!("v2.rate.{d}")]).await);
+        desktops.push(desktop(&client, &[format!("v2.rate.{d}")]).await);
     }
     let stats = fake_api.stats().await;
     let limited = count_status(&stats, 429);
@@ -255,7 +255,7 @@ async fn a_login_storm_of_500_desktops_stays_inside_the_rate_limit() {
                 format!("v2.users.{}.presence", d % 300),
                 format!("v2.queues.{}", d % 40),
             ];
-            Desktop::connect(&client, &mine).await
+            desktop(&client, &mine).await
         }));
     }
     let mut desktops = Vec::new();

@@ -162,6 +162,8 @@ pub struct State {
 #[derive(Clone, Copy, Default, Serialize)]
 struct Counters {
     evictions: u64,
+    /// Most channels alive at once, over all OAuth clients.
+    peak_live_channels: usize,
     socket_connects: u64,
     events_published: u64,
     events_delivered: u64,
@@ -418,6 +420,8 @@ impl State {
             },
         );
         let live = self.channel_ids_where(|c| c.client_id == client_id).len();
+        self.counters.peak_live_channels =
+            self.counters.peak_live_channels.max(self.channels.len());
         let client = self
             .clients
             .get_mut(&client_id)
