@@ -100,6 +100,10 @@ impl Cli {
 async fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let proxy = Proxy::start(config).await?;
+    println!(
+        "listening on {}, admin on {}",
+        proxy.client_addr, proxy.admin_addr
+    );
     let mut hangups = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     loop {
         tokio::select! {

@@ -985,3 +985,29 @@ async fn realistic_service_times_delay_each_kind_of_call() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_stalled_socket_goes_silent_without_closing() {
+    let mut config = fast_config();
+    config.settings.heartbeat = Duration::from_millis(100);
+    let (_fake, api) = start(config).await;
+    let token = api.mint(CLIENT, SECRET).await;
+    let (id, uri) = api.channel(&token).await;
+    api.subscribe(&token, &id, &["t.1"]).await;
+    let mut socket = connect(&uri).await;
+    assert!(
+        matches!(next_frame(&mut socket).await, Next::Text(_)),
+        "a heartbeat first"
+    );
+    let stalled = api.control(Method::POST, "stall", json!({})).await;
+    assert_eq!(stalled.body["channels"], json!([id]));
+    api.publish("t.1").await;
+    send_text(&mut socket, r#"{"message":"ping"}"#).await;
+    // Nothing at all for many heartbeat intervals, and no close either.
+    let silence = tokio::time::timeout(
+        Duration::from_millis(600),
+        futures_util::StreamExt::next(&mut socket),
+    )
+    .await;
+    assert!(silence.is_err(), "expected silence, got {silence:?}");
+}

@@ -10,6 +10,7 @@
 //! | `POST /__mock/streams` | `{"topics","rate","count","body"?}` | paced events → `{"stream"}` |
 //! | `GET`/`DELETE /__mock/streams/{id}` | | progress / stop |
 //! | `POST /__mock/socket-closing` | `{"channels"?,"close_after":"60s"}` | maintenance warning, then close |
+//! | `POST /__mock/stall` | `{"channels"?}` | sockets go silent without closing (no events, heartbeats, pongs) |
 //! | `POST /__mock/faults/token` | `{"mode":"throttle"\|"outage"\|"none","status"?,"count"?}` | token-endpoint faults |
 //! | `PATCH /__mock/settings` | any `Settings` fields | change behaviour at run time |
 
@@ -59,6 +60,11 @@ pub(super) async fn handle(
             Ok(http_server::empty(StatusCode::NO_CONTENT))
         }
         (&Method::POST, ["socket-closing"]) => socket_closing(fake, &body),
+        (&Method::POST, ["stall"]) => {
+            let request: Channels = parse(&body)?;
+            let stalled = fake.state().stall_sockets(request.channels.as_deref());
+            Ok(json(StatusCode::OK, &json!({ "channels": stalled })))
+        }
         (&Method::POST, ["faults", "token"]) => token_fault(fake, &body),
         (&Method::PATCH, ["settings"]) => patch_settings(fake, &body),
         (&Method::GET, ["settings"]) => Ok(json(StatusCode::OK, &fake.state().settings)),
@@ -160,6 +166,12 @@ fn stream(fake: &Fake, id: &str) -> Result<Arc<StreamProgress>, Rejection> {
         .ok()
         .and_then(|id| fake.streams.get(&id).map(|p| p.clone()))
         .ok_or_else(|| Rejection::not_found(format!("no stream {id}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Channels {
+    channels: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -16,12 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::Fake;
 use super::errors::Rejection;
 use super::state::SocketCommand;
+use crate::frame;
 use crate::http_server::{Request, Response};
 use crate::ws::{self, ServerSocket};
-
-const HEARTBEAT: &str =
-    r#"{"topicName":"channel.metadata","eventBody":{"message":"WebSocket Heartbeat"}}"#;
-const PONG: &str = r#"{"topicName":"channel.metadata","eventBody":{"message":"pong"}}"#;
 
 /// Most frames written before one flush, so that a burst costs few syscalls.
 const BATCH: usize = 64;
@@ -65,6 +61,7 @@ async fn serve_socket(
 ) {
     let mut heartbeats = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut stalled = false;
     loop {
         tokio::select! {
             command = commands.recv() => {
@@ -73,9 +70,20 @@ async fn serve_socket(
                     close(&mut socket, None, CloseCode::Error, "socket too slow").await;
                     return;
                 };
-                if let Some((notice, code, reason)) = write_batch(&mut socket, command, &mut commands).await {
-                    close(&mut socket, notice, code, reason).await;
-                    return;
+                if stalled {
+                    // A stalled socket still obeys close orders (the channel died).
+                    if let SocketCommand::Close { .. } = command {
+                        return;
+                    }
+                    continue;
+                }
+                match write_batch(&mut socket, command, &mut commands).await {
+                    BatchEnd::Written => {}
+                    BatchEnd::Stall => stalled = true,
+                    BatchEnd::Close((notice, code, reason)) => {
+                        close(&mut socket, notice, code, reason).await;
+                        return;
+                    }
                 }
                 if socket.flush().await.is_err() {
                     return;
@@ -83,7 +91,7 @@ async fn serve_socket(
             }
             message = socket.next() => match message {
                 Some(Ok(Message::Text(text))) => {
-                    if is_ping(&text) && socket.send(Message::text(PONG)).await.is_err() {
+                    if !stalled && frame::is_ping(&text) && socket.send(Message::text(frame::PONG)).await.is_err() {
                         return;
                     }
                 }
@@ -92,7 +100,7 @@ async fn serve_socket(
                 Some(Ok(_)) => {}
             },
             _ = heartbeats.tick() => {
-                if socket.send(Message::text(HEARTBEAT)).await.is_err() {
+                if !stalled && socket.send(Message::text(frame::HEARTBEAT)).await.is_err() {
                     return;
                 }
             }
@@ -106,34 +114,42 @@ async fn serve_socket(
 
 type CloseOrder = (Option<Utf8Bytes>, CloseCode, &'static str);
 
-/// Writes `first` and whatever else is already queued, without flushing. Returns the
-/// close order if one was among them (or a write failed).
+/// How a batch of commands ended.
+enum BatchEnd {
+    Written,
+    Stall,
+    Close(CloseOrder),
+}
+
+/// Writes `first` and whatever else is already queued, without flushing, up to a
+/// stall or close order (or a failed write).
 async fn write_batch(
     socket: &mut ServerSocket,
     first: SocketCommand,
     commands: &mut mpsc::Receiver<SocketCommand>,
-) -> Option<CloseOrder> {
+) -> BatchEnd {
     let mut next = Some(first);
     let mut written = 0;
     while let Some(command) = next.take() {
         match command {
             SocketCommand::Frame(text) => {
                 if socket.feed(Message::Text(text)).await.is_err() {
-                    return Some((None, CloseCode::Error, "write failed"));
+                    return BatchEnd::Close((None, CloseCode::Error, "write failed"));
                 }
             }
+            SocketCommand::Stall => return BatchEnd::Stall,
             SocketCommand::Close {
                 notice,
                 code,
                 reason,
-            } => return Some((notice, code, reason)),
+            } => return BatchEnd::Close((notice, code, reason)),
         }
         written += 1;
         if written < BATCH {
             next = commands.try_recv().ok();
         }
     }
-    None
+    BatchEnd::Written
 }
 
 async fn close(
@@ -150,12 +166,4 @@ async fn close(
         reason: reason.into(),
     };
     let _ = socket.close(Some(frame)).await;
-}
-
-fn is_ping(text: &str) -> bool {
-    #[derive(Deserialize)]
-    struct Health<'a> {
-        message: Option<&'a str>,
-    }
-    serde_json::from_str::<Health>(text).is_ok_and(|h| h.message == Some("ping"))
 }

@@ -25,6 +25,9 @@ const REJECTIONS_KEPT: usize = 10_000;
 #[derive(Debug)]
 pub enum SocketCommand {
     Frame(Utf8Bytes),
+    /// Go silent without closing: no events, heartbeats or pongs from now on (a
+    /// half-dead connection, as a broken network path looks).
+    Stall,
     Close {
         notice: Option<Utf8Bytes>,
         code: CloseCode,
@@ -708,6 +711,22 @@ impl State {
             }
         }
         warned
+    }
+
+    /// Stalls the sockets of the given channels (all when `None`); returns the ids.
+    pub fn stall_sockets(&mut self, only: Option<&[String]>) -> Vec<String> {
+        let mut stalled = Vec::new();
+        for (id, channel) in self.channels.iter() {
+            if only.is_some_and(|ids| !ids.contains(id)) {
+                continue;
+            }
+            if let Some(socket) = &channel.socket
+                && socket.tx.try_send(SocketCommand::Stall).is_ok()
+            {
+                stalled.push(id.clone());
+            }
+        }
+        stalled
     }
 
     /// Closes the current socket of a channel (a maintenance close); the channel lives.

@@ -49,8 +49,14 @@ pub fn proxy_config(
     credentials: &[Credential],
     extra: &str,
 ) -> Config {
+    // `extra` may bring its own [server] table (with `listen`), replacing the default.
+    let server = if extra.contains("[server]") {
+        ""
+    } else {
+        "[server]\nlisten = \"127.0.0.1:0\"\n"
+    };
     let mut toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "{server}[admin]\nlisten = \"127.0.0.1:0\"\n\
          [genesys]\nlogin_url = \"{fake_url}\"\napi_url = \"{fake_url}\"\n"
     );
     for c in credentials {
