@@ -1011,3 +1011,25 @@ async fn a_stalled_socket_goes_silent_without_closing() {
     .await;
     assert!(silence.is_err(), "expected silence, got {silence:?}");
 }
+
+#[tokio::test]
+async fn an_oauth_client_can_be_added_at_run_time() {
+    let (_fake, api) = start(fast_config()).await;
+    assert_eq!(
+        api.token_request("late", "s3", "client_credentials")
+            .await
+            .status,
+        400
+    );
+    let added = api
+        .control(
+            Method::POST,
+            "clients",
+            json!({"id": "late", "secret": "s3", "token_ttl": "90s"}),
+        )
+        .await;
+    assert_eq!(added.status, 201);
+    let reply = api.token_request("late", "s3", "client_credentials").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body["expires_in"], 90);
+}
