@@ -50,6 +50,14 @@ impl Admin {
                 json(StatusCode::OK, &list)
             }
             (&Method::GET, ["admin", "channels"]) => json(StatusCode::OK, &self.pool.channels()),
+            (&Method::GET, ["admin", "handovers"]) => json(
+                StatusCode::OK,
+                &json!({
+                    "completed": self.pool.handovers.load(Ordering::Relaxed),
+                    "rebuilds": self.pool.rebuilds.load(Ordering::Relaxed),
+                    "recent": self.pool.recent_handovers(),
+                }),
+            ),
             (&Method::POST, ["admin", "credentials", name, "drain"]) => {
                 match self.tokens.drain(name) {
                     Ok(()) => {

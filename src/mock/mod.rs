@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use errors::Rejection;
+pub use events::unix_micros;
 pub use settings::{ClientSpec, DeathNotice, MockConfig, ServiceTimes, Settings};
 pub use state::RotationMode;
 

@@ -7,7 +7,7 @@
 //! channel only after `acquire_slot` granted it a slot, and a slot is given back only
 //! once the channel is gone upstream (its token retired, revoked or expired).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -75,6 +75,8 @@ struct Entry {
     retire_at_once: bool,
     /// For a successor replacing a channel that died: since when events may be lost.
     gap_from: Option<SystemTime>,
+    /// For a successor: when its handover began.
+    handover_began: Option<Instant>,
     wake: Arc<Notify>,
 }
 
@@ -93,6 +95,8 @@ pub struct Pool {
     pub(super) lead_clamp_warned: AtomicBool,
     /// Planned handovers completed (a successor went live and its predecessor retired).
     pub handovers: AtomicU64,
+    /// The most recent completed handovers, for the admin listener and the benches.
+    recent_handovers: Mutex<VecDeque<HandoverRecord>>,
     /// Channels rebuilt after an unplanned loss.
     pub rebuilds: AtomicU64,
 }
@@ -130,11 +134,23 @@ impl PoolState {
                 handover_requested: false,
                 retire_at_once: false,
                 gap_from: None,
+                handover_began: None,
                 wake: Arc::new(Notify::new()),
             },
         );
         self.next_key
     }
+}
+
+/// How many completed handovers `recent_handovers` remembers.
+const RECENT_HANDOVERS: usize = 1000;
+
+/// One completed handover: when it completed, and how long it took from the start of
+/// the successor's build to the switch.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HandoverRecord {
+    pub completed_at_ms: u64,
+    pub duration_ms: f64,
 }
 
 /// A snapshot of one channel, for the admin listener and tests.
@@ -170,6 +186,7 @@ impl Pool {
             break_before_make: AtomicBool::new(false),
             lead_clamp_warned: AtomicBool::new(false),
             handovers: AtomicU64::new(0),
+            recent_handovers: Mutex::default(),
             rebuilds: AtomicU64::new(0),
         })
     }
@@ -484,6 +501,11 @@ impl Pool {
             }
             let desired = entry.desired.clone();
             let successor = state.new_entry(Role::Successor { of: Some(key) }, desired.clone());
+            state
+                .channels
+                .get_mut(&successor)
+                .expect("new")
+                .handover_began = Some(Instant::now());
             let entry = state.channels.get_mut(&key).expect("checked above");
             entry.role = Role::HandingOver { successor };
             entry.handover_requested = false;
@@ -548,7 +570,7 @@ impl Pool {
     /// A successor (or a first channel) is live: it becomes the serving channel, its
     /// predecessor starts retiring, and clients hear of any gap.
     pub(super) fn went_live(&self, key: ChannelKey) {
-        let (gap, predecessor_wake) = {
+        let (gap, predecessor_wake, began) = {
             let mut state = self.state();
             let Some(entry) = state.channels.get_mut(&key) else {
                 return;
@@ -562,15 +584,19 @@ impl Pool {
                 .gap_from
                 .take()
                 .map(|from| (from, entry.desired.iter().cloned().collect::<Vec<_>>()));
+            let began = entry.handover_began.take();
             let wake = predecessor.and_then(|p| {
                 let pred = state.channels.get_mut(&p)?;
                 pred.role = Role::Retiring;
                 Some(pred.wake.clone())
             });
-            (gap, wake)
+            (gap, wake, began)
         };
         if let Some(wake) = predecessor_wake {
             self.handovers.fetch_add(1, Ordering::Relaxed);
+            if let Some(began) = began {
+                self.record_handover(began.elapsed());
+            }
             wake.notify_one();
         }
         if let Some((from, topics)) = gap {
@@ -581,6 +607,33 @@ impl Pool {
             );
             self.router.notify_gap(&topics, from, SystemTime::now());
         }
+    }
+
+    fn record_handover(&self, took: Duration) {
+        let mut recent = self
+            .recent_handovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_HANDOVERS {
+            recent.pop_front();
+        }
+        recent.push_back(HandoverRecord {
+            completed_at_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+            duration_ms: took.as_secs_f64() * 1000.0,
+        });
+    }
+
+    /// The most recent completed handovers, oldest first.
+    pub fn recent_handovers(&self) -> Vec<HandoverRecord> {
+        self.recent_handovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The lead actually used for a token of `lifetime`: at most half of it.

@@ -1,0 +1,224 @@
+//! The things under test: the fake Genesys Cloud (in-process, or external with
+//! `--genesys`), the proxy as its own process (so its CPU and memory can be read), and
+//! Debian's nginx as a plain WebSocket proxy in front of the fake.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use handover::mock::{ClientSpec, MockConfig, MockGenesys, ServiceTimes, Settings};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const CLIENT_ID: &str = "bench-client";
+pub const SECRET: &str = "bench-secret";
+
+/// A fake Genesys Cloud: ours in-process, or one at a URL.
+pub struct Fake {
+    pub url: String,
+    _running: Option<MockGenesys>,
+}
+
+impl Fake {
+    pub async fn start(
+        external: Option<&str>,
+        token_ttl: Duration,
+        service_times: ServiceTimes,
+    ) -> anyhow::Result<Fake> {
+        if let Some(url) = external {
+            return Ok(Fake {
+                url: url.trim_end_matches('/').to_owned(),
+                _running: None,
+            });
+        }
+        let fake = MockGenesys::start(MockConfig {
+            clients: vec![ClientSpec::new(CLIENT_ID, SECRET, token_ttl)],
+            settings: Settings {
+                // Direct clients need a channel each; limits are not what is measured.
+                max_channels_per_client: 1_000_000,
+                rate_limit_per_min: 0,
+                service_times,
+                ..Settings::default()
+            },
+        })
+        .await?;
+        Ok(Fake {
+            url: fake.base_url(),
+            _running: Some(fake),
+        })
+    }
+
+    pub fn addr(&self) -> String {
+        self.url.trim_start_matches("http://").to_owned()
+    }
+
+    pub async fn token(&self, http: &reqwest::Client) -> anyhow::Result<String> {
+        let reply: serde_json::Value = http
+            .post(format!("{}/oauth/token", self.url))
+            .basic_auth(CLIENT_ID, Some(SECRET))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(reply["access_token"]
+            .as_str()
+            .context("no access_token")?
+            .to_owned())
+    }
+}
+
+/// A process under test.
+pub struct Process {
+    /// Held so that dropping the process kills it (`kill_on_drop`).
+    _child: Child,
+    pub pid: u32,
+    _dir: tempfile::TempDir,
+}
+
+/// The proxy, started from the release binary with a config pointing at the fake.
+pub struct ProxyProcess {
+    pub process: Process,
+    pub client_url: String,
+    pub admin_url: String,
+}
+
+impl ProxyProcess {
+    pub async fn spawn(fake: &Fake, extra_toml: &str) -> anyhow::Result<ProxyProcess> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("handover.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                 [genesys]\nlogin_url = \"{url}\"\napi_url = \"{url}\"\n\
+                 [[credentials]]\nname = \"bench\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{SECRET}\"\n{extra_toml}",
+                url = fake.url
+            ),
+        )?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_handover"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the handover binary")?;
+        let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .context("the proxy did not start")??
+            .context("the proxy exited")?;
+        let rest = line
+            .strip_prefix("listening on ")
+            .context("unexpected first line")?;
+        let (client, admin) = rest
+            .split_once(", admin on ")
+            .context("unexpected first line")?;
+        let pid = child.id().context("no pid")?;
+        Ok(ProxyProcess {
+            client_url: format!("http://{client}"),
+            admin_url: format!("http://{admin}"),
+            process: Process {
+                _child: child,
+                pid,
+                _dir: dir,
+            },
+        })
+    }
+}
+
+/// nginx as a plain WebSocket reverse proxy in front of the fake.
+pub struct Nginx {
+    pub process: Process,
+    pub addr: SocketAddr,
+    pub version: String,
+}
+
+impl Nginx {
+    /// `Ok(None)` when nginx is not installed.
+    pub async fn spawn(fake_addr: &str) -> anyhow::Result<Option<Nginx>> {
+        let Some(binary) = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+        else {
+            return Ok(None);
+        };
+        let version = Command::new(&binary).arg("-v").output().await?;
+        let version = String::from_utf8_lossy(&version.stderr).trim().to_owned();
+        let dir = tempfile::tempdir()?;
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?.port()
+        };
+        let prefix = dir.path().display().to_string();
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"daemon off;
+master_process on;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 32768; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    upstream fake {{ server {fake_addr}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_read_timeout 1h;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+            ),
+        )?;
+        let child = Command::new(&binary)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start nginx")?;
+        let pid = child.id().context("no pid")?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if tokio::time::Instant::now() > until {
+                bail!("nginx did not start listening on {addr}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Some(Nginx {
+            process: Process {
+                _child: child,
+                pid,
+                _dir: dir,
+            },
+            addr,
+            version,
+        }))
+    }
+}
