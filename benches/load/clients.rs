@@ -45,13 +45,44 @@ pub struct Seen {
     /// Times each sequence number of the stream arrived.
     pub seq_counts: Vec<u8>,
     pub disconnected: bool,
+    /// Text frames received, and when the first and last arrived (µs since the epoch).
+    pub frames: u64,
+    pub first_us: u64,
+    pub last_us: u64,
 }
 
 pub struct ClientSet {
     tasks: Vec<(usize, JoinHandle<Seen>)>,
     stop: CancellationToken,
-    pub frames: Arc<AtomicU64>,
+    pub frames: Arc<FrameClock>,
     pub connect_seconds: f64,
+}
+
+/// Frames received so far by all clients, for progress (updated in batches, so
+/// that a thousand clients do not contend on one counter).
+#[derive(Default)]
+pub struct FrameClock {
+    count: AtomicU64,
+}
+
+impl FrameClock {
+    pub fn frames(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Frames per second over a finished set, between the first and the last frame any
+/// client received.
+pub fn frame_rate(seen: &[(usize, Seen)]) -> f64 {
+    let frames: u64 = seen.iter().map(|(_, s)| s.frames).sum();
+    let first = seen
+        .iter()
+        .filter(|(_, s)| s.frames > 0)
+        .map(|(_, s)| s.first_us)
+        .min()
+        .unwrap_or(0);
+    let last = seen.iter().map(|(_, s)| s.last_us).max().unwrap_or(0);
+    frames as f64 / (last.saturating_sub(first).max(1) as f64 / 1e6)
 }
 
 #[derive(Deserialize)]
@@ -94,7 +125,7 @@ impl ClientSet {
             recording,
         } = plan;
         let stop = CancellationToken::new();
-        let frames = Arc::new(AtomicU64::new(0));
+        let frames = Arc::new(FrameClock::default());
         let gate = Arc::new(Semaphore::new(64));
         let began = Instant::now();
         let mut opening = Vec::new();
@@ -200,7 +231,7 @@ async fn record(
     start: Instant,
     recording: Recording,
     stop: CancellationToken,
-    frames: Arc<AtomicU64>,
+    frames: Arc<FrameClock>,
 ) -> Seen {
     let mut seen = Seen {
         seq_counts: if recording == Recording::Full {
@@ -217,7 +248,15 @@ async fn record(
         };
         match message {
             Some(Ok(Message::Text(text))) => {
-                frames.fetch_add(1, Ordering::Relaxed);
+                let now = handover::mock::unix_micros();
+                if seen.frames == 0 {
+                    seen.first_us = now;
+                }
+                seen.last_us = now;
+                seen.frames += 1;
+                if seen.frames.is_multiple_of(PROGRESS_BATCH) {
+                    frames.count.fetch_add(PROGRESS_BATCH, Ordering::Relaxed);
+                }
                 if recording == Recording::CountOnly {
                     continue;
                 }
@@ -231,7 +270,6 @@ async fn record(
                 else {
                     continue;
                 };
-                let now = handover::mock::unix_micros();
                 let at_ms = start.elapsed().as_millis() as u32;
                 seen.samples.push((at_ms, now.saturating_sub(sent) as u32));
                 if let Some(count) = seen.seq_counts.get_mut(seq as usize) {
@@ -245,6 +283,11 @@ async fn record(
             }
         }
     }
+    frames
+        .count
+        .fetch_add(seen.frames % PROGRESS_BATCH, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_millis(200), socket.close(None)).await;
     seen
 }
+
+const PROGRESS_BATCH: u64 = 64;

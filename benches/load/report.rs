@@ -82,6 +82,8 @@ pub struct Report {
     pub idle: Vec<(usize, Option<u64>)>,
     pub open_files_note: Option<String>,
     pub fanout_deliveries_per_s: Option<f64>,
+    /// (delivered, offered) deliveries.
+    pub fanout_delivered: Option<(u64, u64)>,
     pub fanout_clients: usize,
     pub rotation: Option<RotationResult>,
     pub notes: Vec<String>,
@@ -185,9 +187,10 @@ impl Report {
             let _ = writeln!(out, "  ({note})");
         }
         if let Some(rate) = self.fanout_deliveries_per_s {
+            let (delivered, offered) = self.fanout_delivered.unwrap_or_default();
             let _ = writeln!(
                 out,
-                "fan-out: {rate:.0} deliveries/s to {} clients of one topic",
+                "fan-out: {rate:.0} deliveries/s to {} clients of one topic ({delivered} of {offered} offered deliveries arrived)",
                 self.fanout_clients
             );
         }
@@ -232,6 +235,8 @@ impl Report {
             "idle_rss_per_client_bytes": self.idle_per_client(10_000).or_else(|| self.idle.last().and_then(|(_, b)| *b)),
             "idle": self.idle.iter().map(|(n, b)| json!({"clients": n, "rss_per_client_bytes": b})).collect::<Vec<_>>(),
             "fanout_deliveries_per_s": self.fanout_deliveries_per_s,
+            "fanout_delivered": self.fanout_delivered.map(|d| d.0),
+            "fanout_offered": self.fanout_delivered.map(|d| d.1),
             "fanout_clients": self.fanout_clients,
             "handovers": self.rotation.as_ref().map(|r| r.handovers),
             "handover_p50_ms": (!durations.is_empty()).then(|| pct_f(&durations, 0.5)),
