@@ -157,10 +157,10 @@ async fn run() -> anyhow::Result<()> {
     // 1. The relay workload, path by path.
     let mut paths = Vec::new();
     let token = fake.token(&http).await?;
-    let direct = Route::Genesys {
+    let direct = Route {
         api: fake.url.clone(),
-        token: token.clone(),
-        socket_host: fake.addr(),
+        token: Some(token.clone()),
+        socket_host: Some(fake.addr()),
     };
     paths.push(relay("direct", &args, &fake, &http, direct, Vec::new()).await?);
     let pids = proxy
@@ -173,18 +173,16 @@ async fn run() -> anyhow::Result<()> {
             &args,
             &fake,
             &http,
-            Route::Proxy {
-                api: proxy_url.clone(),
-            },
+            Route::proxy(&proxy_url),
             pids,
         )
         .await?,
     );
     if let Some(nginx) = &nginx {
-        let route = Route::Genesys {
+        let route = Route {
             api: fake.url.clone(),
-            token,
-            socket_host: nginx.addr.to_string(),
+            token: Some(token),
+            socket_host: Some(nginx.addr.to_string()),
         };
         let pids = system::with_children(nginx.process.pid);
         paths.push(relay("nginx", &args, &fake, &http, route, pids).await?);
@@ -435,9 +433,7 @@ async fn idle_memory(
     clients: usize,
 ) -> anyhow::Result<Option<u64>> {
     let proxy = ProxyProcess::spawn(fake, "").await?;
-    let route = Route::Proxy {
-        api: proxy.client_url.clone(),
-    };
+    let route = Route::proxy(&proxy.client_url);
     let topics: Vec<String> = (0..100).map(|i| format!("v2.idle.{i}")).collect();
     // One client first, so the upstream channel and its buffers are in the baseline.
     let idle = |clients| Plan {
@@ -487,7 +483,7 @@ async fn fan_out(
         start: Instant::now(),
         recording: Recording::CountOnly,
     };
-    let set = ClientSet::open(http, &Route::Proxy { api }, plan, &progress).await?;
+    let set = ClientSet::open(http, &Route::proxy(&api), plan, &progress).await?;
     // Offer more than the target (200k deliveries/s) so that the figure is what the
     // proxy achieves, not what was offered.
     let (rate, seconds) = (args.fanout_rate, if args.quick { 4.0 } else { 10.0 });
@@ -542,15 +538,7 @@ async fn rotation(args: &Args, http: &reqwest::Client) -> anyhow::Result<Rotatio
         start,
         recording: Recording::Full,
     };
-    let set = ClientSet::open(
-        http,
-        &Route::Proxy {
-            api: proxy.client_url.clone(),
-        },
-        plan,
-        &progress,
-    )
-    .await?;
+    let set = ClientSet::open(http, &Route::proxy(&proxy.client_url), plan, &progress).await?;
     let handovers_before = handovers(http, &proxy).await?["completed"]
         .as_u64()
         .unwrap_or(0);

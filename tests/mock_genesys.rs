@@ -596,11 +596,7 @@ async fn events_share_a_correlation_id_across_channels_and_are_not_buffered() {
 
     let mut socket_a = connect(&uri_a).await;
     let mut socket_b = connect(&uri_b).await;
-    wait_for("both sockets registered", || {
-        let api = api.clone();
-        async move { (api.stats().await["sockets"] == 2).then_some(()) }
-    })
-    .await;
+    wait_for_sockets(&api, 2).await;
     let published = api.publish("v2.users.1.presence").await;
     assert_eq!(published["delivered"], 2);
 
@@ -766,11 +762,7 @@ async fn socket_closing_warns_then_closes_the_socket_but_keeps_the_channel() {
     let token = api.mint(CLIENT, SECRET).await;
     let (id, uri) = api.channel(&token).await;
     let mut socket = connect(&uri).await;
-    wait_for("socket registered", || {
-        let api = api.clone();
-        async move { (api.stats().await["sockets"] == 1).then_some(()) }
-    })
-    .await;
+    wait_for_sockets(&api, 1).await;
 
     let warned = api
         .control(
@@ -803,11 +795,7 @@ async fn a_paced_stream_delivers_every_sequence_number_in_order() {
     let (id, uri) = api.channel(&token).await;
     api.subscribe(&token, &id, &["s.a", "s.b"]).await;
     let mut socket = connect(&uri).await;
-    wait_for("socket registered", || {
-        let api = api.clone();
-        async move { (api.stats().await["sockets"] == 1).then_some(()) }
-    })
-    .await;
+    wait_for_sockets(&api, 1).await;
 
     let started = api
         .control(
@@ -907,12 +895,7 @@ async fn bad_requests_get_clear_4xx_answers() {
     let wrong_method = api.call(Method::PATCH, &subs(&id), &token, None).await;
     assert_eq!(wrong_method.status, 405);
     assert_eq!(wrong_method.body["status"], 405);
-    assert_eq!(
-        api.send(api.http.get(format!("{}/oauth/token", api.base)))
-            .await
-            .status,
-        405
-    );
+    assert_eq!(api.get("/oauth/token").await.status, 405);
 
     let nowhere = api.call(Method::GET, "/api/v2/nothing", &token, None).await;
     assert_eq!(nowhere.status, 404);

@@ -7,39 +7,14 @@ use std::time::Duration;
 
 use common::proxy::*;
 use common::*;
-use handover::mock::{ClientSpec, MockConfig, Settings};
+use handover::app::Proxy;
+use handover::mock::{MockGenesys, Settings};
 use reqwest::Method;
 use serde_json::json;
 
-const A: Credential = Credential {
-    name: "primary",
-    client_id: "client-a",
-};
-
-async fn setup(
-    extra: &str,
-) -> (
-    handover::mock::MockGenesys,
-    Api,
-    handover::app::Proxy,
-    Api,
-    Api,
-    Secrets,
-) {
-    let config = MockConfig {
-        clients: vec![ClientSpec::new(
-            "client-a",
-            "secret-a",
-            Duration::from_secs(3600),
-        )],
-        settings: Settings::default(),
-    };
-    let (fake, fake_api) = start(config).await;
-    let secrets = Secrets::new();
-    secrets.write("primary", "secret-a");
-    let config = proxy_config(&fake.base_url(), &secrets, &[A], extra);
-    let (proxy, client, admin) = start_proxy(config).await;
-    (fake, fake_api, proxy, client, admin, secrets)
+async fn setup(extra: &str) -> (MockGenesys, Api, Proxy, Api, Api, Secrets) {
+    let w = World::start(&[A], Duration::from_secs(3600), Settings::default(), extra).await;
+    (w.fake, w.fake_api, w.proxy, w.client, w.admin, w.secrets)
 }
 
 #[tokio::test]
@@ -63,9 +38,7 @@ async fn desktops_share_one_upstream_channel_and_get_each_event_once() {
         stats["subscriptions"], 3,
         "the union of the desktops' topics"
     );
-    let ready = admin
-        .send(admin.http.get(format!("{}/readyz", admin.base)))
-        .await;
+    let ready = admin.get("/readyz").await;
     assert_eq!(ready.status, 200);
 }
 

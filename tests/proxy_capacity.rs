@@ -8,37 +8,19 @@ use std::time::Duration;
 
 use common::proxy::*;
 use common::*;
-use handover::mock::{ClientSpec, MockConfig, Settings};
+use handover::app::Proxy;
+use handover::mock::{ClientSpec, MockConfig, MockGenesys, Settings};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-
-const A: Credential = Credential {
-    name: "a",
-    client_id: "client-a",
-};
 
 async fn world(
     token_ttl: Duration,
     settings: Settings,
     extra: &str,
-) -> (
-    handover::mock::MockGenesys,
-    Api,
-    handover::app::Proxy,
-    Api,
-    Secrets,
-) {
-    let config = MockConfig {
-        clients: vec![ClientSpec::new("client-a", "secret-a", token_ttl)],
-        settings,
-    };
-    let (fake, fake_api) = start(config).await;
-    let secrets = Secrets::new();
-    secrets.write("a", "secret-a");
-    let config = proxy_config(&fake.base_url(), &secrets, &[A], extra);
-    let (proxy, client, _admin) = start_proxy(config).await;
-    (fake, fake_api, proxy, client, secrets)
+) -> (MockGenesys, Api, Proxy, Api, Secrets) {
+    let w = World::start(&[A], token_ttl, settings, extra).await;
+    (w.fake, w.fake_api, w.proxy, w.client, w.secrets)
 }
 
 fn count_status(stats: &Value, status: u64) -> usize {
@@ -80,13 +62,7 @@ async fn topics_pack_onto_two_channels_keeping_the_third_free_and_overflow_is_re
     );
 
     // A desktop whose topics do not fit gets a clear error, and nothing of it stays.
-    let created = client
-        .send(
-            client
-                .http
-                .post(format!("{}/api/v2/notifications/channels", client.base)),
-        )
-        .await;
+    let created = client.post("/api/v2/notifications/channels").await;
     let id = created.body["id"].as_str().unwrap().to_owned();
     let big: Vec<Value> = (0..1000)
         .map(|t| json!({"id": format!("v2.big.{t}")}))
@@ -195,9 +171,7 @@ async fn a_throttled_token_endpoint_is_backed_off_without_a_busy_loop_and_recove
         (2..=8).contains(&throttled),
         "{throttled} token requests in 4 s"
     );
-    let not_ready = admin
-        .send(admin.http.get(format!("{}/readyz", admin.base)))
-        .await;
+    let not_ready = admin.get("/readyz").await;
     assert_eq!(not_ready.status, 503, "no token yet");
 
     fake_api

@@ -8,39 +8,15 @@ use std::time::Duration;
 
 use common::proxy::*;
 use common::*;
-use handover::mock::{ClientSpec, MockConfig, Settings};
+use handover::app::Proxy;
+use handover::mock::{MockGenesys, Settings};
 use reqwest::Method;
 use serde_json::json;
 use tokio::time::Instant;
 
-const A: Credential = Credential {
-    name: "a",
-    client_id: "client-a",
-};
-
-async fn setup(
-    extra: &str,
-) -> (
-    handover::mock::MockGenesys,
-    Api,
-    handover::app::Proxy,
-    Api,
-    Secrets,
-) {
-    let (fake, fake_api) = start(MockConfig {
-        clients: vec![ClientSpec::new(
-            "client-a",
-            "secret-a",
-            Duration::from_secs(3600),
-        )],
-        settings: Settings::default(),
-    })
-    .await;
-    let secrets = Secrets::new();
-    secrets.write("a", "secret-a");
-    let (proxy, client, _admin) =
-        start_proxy(proxy_config(&fake.base_url(), &secrets, &[A], extra)).await;
-    (fake, fake_api, proxy, client, secrets)
+async fn setup(extra: &str) -> (MockGenesys, Api, Proxy, Api, Secrets) {
+    let w = World::start(&[A], Duration::from_secs(3600), Settings::default(), extra).await;
+    (w.fake, w.fake_api, w.proxy, w.client, w.secrets)
 }
 
 async fn first_event(desktop: &Desktop, fake_api: &Api, topic: &str) -> Instant {
@@ -87,13 +63,7 @@ async fn a_silent_upstream_socket_is_rebuilt_and_clients_hear_of_the_gap() {
 async fn a_client_that_reconnects_keeps_its_subscriptions() {
     let (_fake, fake_api, _proxy, client, _secrets) =
         setup("[server]\nlisten = \"127.0.0.1:0\"\nclient_idle = \"30s\"\n").await;
-    let created = client
-        .send(
-            client
-                .http
-                .post(format!("{}/api/v2/notifications/channels", client.base)),
-        )
-        .await;
+    let created = client.post("/api/v2/notifications/channels").await;
     let id = created.body["id"].as_str().unwrap().to_owned();
     let uri = created.body["connectUri"].as_str().unwrap().to_owned();
     client
@@ -130,13 +100,7 @@ async fn a_client_that_reconnects_keeps_its_subscriptions() {
 async fn bad_input_gets_genesys_shaped_errors_and_affects_no_one_else() {
     let (_fake, fake_api, _proxy, client, _secrets) = setup("").await;
     let bystander = desktop(&client, &["v2.ok".to_owned()]).await;
-    let created = client
-        .send(
-            client
-                .http
-                .post(format!("{}/api/v2/notifications/channels", client.base)),
-        )
-        .await;
+    let created = client.post("/api/v2/notifications/channels").await;
     let id = created.body["id"].as_str().unwrap().to_owned();
     let subs = format!("/api/v2/notifications/channels/{id}/subscriptions");
 
@@ -208,9 +172,7 @@ async fn bad_input_gets_genesys_shaped_errors_and_affects_no_one_else() {
         client.call(Method::GET, "/nowhere", "", None).await.status,
         404
     );
-    let no_topics = client
-        .send(client.http.get(format!("{}/stream", client.base)))
-        .await;
+    let no_topics = client.get("/stream").await;
     assert_eq!(no_topics.status, 400);
 
     // Garbage on a client socket: ignored, the socket and everyone else carry on.

@@ -11,57 +11,18 @@ use std::time::Duration;
 
 use common::proxy::*;
 use common::*;
-use handover::app::Proxy;
-use handover::mock::{ClientSpec, MockConfig, MockGenesys, Settings};
+use handover::mock::Settings;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-
-const A: Credential = Credential {
-    name: "a",
-    client_id: "client-a",
-};
-const B: Credential = Credential {
-    name: "b",
-    client_id: "client-b",
-};
 
 /// Tokens live 6 s and `lead` is 2 s, so every channel hands over about every 4 s.
 const TOKEN_TTL: Duration = Duration::from_secs(6);
 const EXTRA: &str =
     "[handover]\nlead = \"2s\"\noverlap = \"500ms\"\n[upstream]\nmax_channels = 3\n";
 
-struct World {
-    fake: MockGenesys,
-    fake_api: Api,
-    proxy: Proxy,
-    client: Api,
-    admin: Api,
-    secrets: Secrets,
-}
-
 async fn world(credentials: &[Credential]) -> World {
-    let config = MockConfig {
-        clients: vec![
-            ClientSpec::new("client-a", "secret-a", TOKEN_TTL),
-            ClientSpec::new("client-b", "secret-b", TOKEN_TTL),
-        ],
-        settings: Settings::default(),
-    };
-    let (fake, fake_api) = start(config).await;
-    let secrets = Secrets::new();
-    secrets.write("a", "secret-a");
-    secrets.write("b", "secret-b");
-    let config = proxy_config(&fake.base_url(), &secrets, credentials, EXTRA);
-    let (proxy, client, admin) = start_proxy(config).await;
-    World {
-        fake,
-        fake_api,
-        proxy,
-        client,
-        admin,
-        secrets,
-    }
+    World::start(credentials, TOKEN_TTL, Settings::default(), EXTRA).await
 }
 
 /// 20 desktops over 10 shared topics, three topics each.
@@ -226,22 +187,13 @@ async fn hard_rotation_with_two_oauth_clients_and_a_drain_is_invisible() {
     let w = world(&[A, B]).await;
     let outcome = run_stream(&w, 3200, || async {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let drained = w
-            .admin
-            .send(
-                w.admin
-                    .http
-                    .post(format!("{}/admin/credentials/a/drain", w.admin.base)),
-            )
-            .await;
+        let drained = w.admin.post("/admin/credentials/a/drain").await;
         assert_eq!(drained.status, 202, "{}", drained.body);
         assert_eq!(drained.body["state"], "draining");
         wait_for("every channel of credential a to move", || {
             let admin = w.admin.clone();
             async move {
-                let list = admin
-                    .send(admin.http.get(format!("{}/admin/credentials", admin.base)))
-                    .await;
+                let list = admin.get("/admin/credentials").await;
                 let a = list
                     .body
                     .as_array()?
@@ -255,14 +207,7 @@ async fn hard_rotation_with_two_oauth_clients_and_a_drain_is_invisible() {
         // Now A's secret can be regenerated, killing its old tokens at once.
         rotate(&w, "client-a", "revoke_tokens", "secret-a2").await;
         w.secrets.write("a", "secret-a2");
-        let undrained = w
-            .admin
-            .send(
-                w.admin
-                    .http
-                    .post(format!("{}/admin/credentials/a/undrain", w.admin.base)),
-            )
-            .await;
+        let undrained = w.admin.post("/admin/credentials/a/undrain").await;
         assert_eq!(undrained.status, 200);
     })
     .await;
@@ -278,23 +223,9 @@ async fn hard_rotation_with_two_oauth_clients_and_a_drain_is_invisible() {
 #[tokio::test]
 async fn draining_the_last_usable_credential_is_refused() {
     let w = world(&[A]).await;
-    let refused = w
-        .admin
-        .send(
-            w.admin
-                .http
-                .post(format!("{}/admin/credentials/a/drain", w.admin.base)),
-        )
-        .await;
+    let refused = w.admin.post("/admin/credentials/a/drain").await;
     assert_eq!(refused.status, 409);
-    let unknown = w
-        .admin
-        .send(
-            w.admin
-                .http
-                .post(format!("{}/admin/credentials/zz/drain", w.admin.base)),
-        )
-        .await;
+    let unknown = w.admin.post("/admin/credentials/zz/drain").await;
     assert_eq!(unknown.status, 404);
     drop(w.fake);
 }

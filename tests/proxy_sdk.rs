@@ -9,32 +9,16 @@ use std::time::Duration;
 
 use common::proxy::*;
 use common::*;
-use handover::mock::{ClientSpec, MockConfig, Settings};
+use handover::mock::Settings;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-const A: Credential = Credential {
-    name: "a",
-    client_id: "client-a",
-};
-
 #[tokio::test]
 async fn genesys_python_sdk_subscribes_and_streams_through_a_maintenance_close() {
-    let (fake, fake_api) = start(MockConfig {
-        clients: vec![ClientSpec::new(
-            "client-a",
-            "secret-a",
-            Duration::from_secs(3600),
-        )],
-        settings: Settings::default(),
-    })
-    .await;
-    let secrets = Secrets::new();
-    secrets.write("a", "secret-a");
-    let (_proxy, client, _admin) =
-        start_proxy(proxy_config(&fake.base_url(), &secrets, &[A], "")).await;
+    let w = World::start(&[A], Duration::from_secs(3600), Settings::default(), "").await;
+    let (fake_api, client) = (&w.fake_api, &w.client);
 
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -61,7 +45,7 @@ async fn genesys_python_sdk_subscribes_and_streams_through_a_maintenance_close()
     assert_eq!(ready["subscribed"], json!(["v2.users.42.presence"]));
     assert_eq!(ready["listed"], json!(["v2.users.42.presence"]));
 
-    let stream = start_stream(&fake_api, &["v2.users.42.presence".to_owned()], 100.0, 400).await;
+    let stream = start_stream(fake_api, &["v2.users.42.presence".to_owned()], 100.0, 400).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let warned = fake_api
         .control(Method::POST, "socket-closing", json!({"close_after": "1s"}))
@@ -85,6 +69,6 @@ async fn genesys_python_sdk_subscribes_and_streams_through_a_maintenance_close()
         (0..400).collect::<Vec<u64>>(),
         "every event once, in order"
     );
-    stream_done(&fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
+    stream_done(fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
     assert!(child.wait().await.unwrap().success());
 }

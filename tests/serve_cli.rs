@@ -164,9 +164,7 @@ async fn sighup_reloads_credentials_without_dropping_clients_and_nothing_secret_
     wait_for("credential b after SIGHUP", || {
         let admin = admin.clone();
         async move {
-            let list = admin
-                .send(admin.http.get(format!("{}/admin/credentials", admin.base)))
-                .await;
+            let list = admin.get("/admin/credentials").await;
             (list.body.as_array()?.len() == 2).then_some(())
         }
     })

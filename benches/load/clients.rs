@@ -17,16 +17,22 @@ use tokio_util::sync::CancellationToken;
 
 /// How a client reaches its channel.
 #[derive(Clone)]
-pub enum Route {
-    /// Channels created at the fake with a token; sockets to `socket_host` (the fake
-    /// itself, or nginx in front of it).
-    Genesys {
-        api: String,
-        token: String,
-        socket_host: String,
-    },
-    /// Channels created at the proxy, no credentials.
-    Proxy { api: String },
+pub struct Route {
+    /// Where channels are created: the fake (with a token) or the proxy (without).
+    pub api: String,
+    pub token: Option<String>,
+    /// Where sockets go instead of the connectUri's host (nginx in front of the fake).
+    pub socket_host: Option<String>,
+}
+
+impl Route {
+    pub fn proxy(api: &str) -> Route {
+        Route {
+            api: api.to_owned(),
+            token: None,
+            socket_host: None,
+        }
+    }
 }
 
 /// What clients record: every delivery, or just a count (fan-out, where parsing
@@ -172,53 +178,31 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(http: &reqwest::Client, route: &Route, topic: &str) -> anyhow::Result<Socket> {
-    let body = json!([{ "id": topic }]);
-    let uri = match route {
-        Route::Genesys {
-            api,
-            token,
-            socket_host,
-        } => {
-            let created: Value = http
-                .post(format!("{api}/api/v2/notifications/channels"))
-                .bearer_auth(token)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            let id = created["id"].as_str().unwrap_or_default().to_owned();
-            http.put(format!(
-                "{api}/api/v2/notifications/channels/{id}/subscriptions"
-            ))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await?
-            .error_for_status()?;
-            format!("ws://{socket_host}/channels/{id}")
-        }
-        Route::Proxy { api } => {
-            let created: Value = http
-                .post(format!("{api}/api/v2/notifications/channels"))
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            let id = created["id"].as_str().unwrap_or_default().to_owned();
-            http.put(format!(
-                "{api}/api/v2/notifications/channels/{id}/subscriptions"
-            ))
-            .json(&body)
-            .send()
-            .await?
-            .error_for_status()?;
-            created["connectUri"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        }
+    let api = &route.api;
+    let authorised = |request: reqwest::RequestBuilder| match &route.token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let created: Value = authorised(http.post(format!("{api}/api/v2/notifications/channels")))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = created["id"].as_str().unwrap_or_default();
+    authorised(http.put(format!(
+        "{api}/api/v2/notifications/channels/{id}/subscriptions"
+    )))
+    .json(&json!([{ "id": topic }]))
+    .send()
+    .await?
+    .error_for_status()?;
+    let uri = match &route.socket_host {
+        Some(host) => format!("ws://{host}/channels/{id}"),
+        None => created["connectUri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
     };
     let config = handover::ws::socket_config();
     let (socket, _) = tokio_tungstenite::connect_async_with_config(uri, Some(config), true).await?;

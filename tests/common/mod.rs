@@ -80,6 +80,18 @@ impl Api {
         }
     }
 
+    /// `POST {base}{path}` without credentials or body.
+    pub async fn post(&self, path: &str) -> Reply {
+        self.send(self.http.post(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// `GET {base}{path}` without credentials.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
     pub async fn token_request(&self, id: &str, secret: &str, grant: &str) -> Reply {
         self.send(
             self.http
@@ -173,6 +185,18 @@ impl Api {
             .await;
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
+}
+
+/// Waits until the fake counts `sockets` open sockets.
+pub async fn wait_for_sockets(api: &Api, sockets: u64) -> Value {
+    wait_for("the sockets to register", || {
+        let api = api.clone();
+        async move {
+            let stats = api.stats().await;
+            (stats["sockets"] == sockets).then_some(stats)
+        }
+    })
+    .await
 }
 
 pub async fn connect(uri: &str) -> Socket {

@@ -3,8 +3,11 @@
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
+
 use handover::app::Proxy;
 use handover::config::Config;
+use handover::mock::{ClientSpec, MockConfig, MockGenesys, Settings};
 use handover::sim::tally;
 use serde_json::json;
 use tokio::time::Instant;
@@ -15,6 +18,59 @@ use super::{Api, DEADLINE};
 pub struct Credential {
     pub name: &'static str,
     pub client_id: &'static str,
+}
+
+/// Credential set "a": OAuth client `client-a` (secret `secret-a` at the start).
+pub const A: Credential = Credential {
+    name: "a",
+    client_id: "client-a",
+};
+/// Credential set "b": OAuth client `client-b` (secret `secret-b` at the start).
+pub const B: Credential = Credential {
+    name: "b",
+    client_id: "client-b",
+};
+
+/// A fake with the OAuth clients `client-a` and `client-b` (tokens live `token_ttl`),
+/// their secrets in files, and a proxy in front of it minting with `credentials`.
+pub struct World {
+    pub fake: MockGenesys,
+    pub fake_api: Api,
+    pub proxy: Proxy,
+    pub client: Api,
+    pub admin: Api,
+    pub secrets: Secrets,
+}
+
+impl World {
+    pub async fn start(
+        credentials: &[Credential],
+        token_ttl: Duration,
+        settings: Settings,
+        extra: &str,
+    ) -> World {
+        let (fake, fake_api) = super::start(MockConfig {
+            clients: vec![
+                ClientSpec::new("client-a", "secret-a", token_ttl),
+                ClientSpec::new("client-b", "secret-b", token_ttl),
+            ],
+            settings,
+        })
+        .await;
+        let secrets = Secrets::new();
+        secrets.write("a", "secret-a");
+        secrets.write("b", "secret-b");
+        let config = proxy_config(&fake.base_url(), &secrets, credentials, extra);
+        let (proxy, client, admin) = start_proxy(config).await;
+        World {
+            fake,
+            fake_api,
+            proxy,
+            client,
+            admin,
+            secrets,
+        }
+    }
 }
 
 /// Secret files live here for the test's duration.
