@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::genesys::{CreatedChannel, UpstreamError, UpstreamSocket};
@@ -53,6 +53,8 @@ struct Live {
     channel: CreatedChannel,
     socket: UpstreamSocket,
     applied: BTreeSet<String>,
+    /// The generation of the pool's desired topics that `applied` matches.
+    applied_generation: u64,
     last_frame: Instant,
     pace: Pace,
 }
@@ -81,6 +83,7 @@ async fn establish(pool: &Arc<Pool>, key: ChannelKey) -> Option<Live> {
                     channel,
                     socket,
                     applied: BTreeSet::new(),
+                    applied_generation: 0,
                     last_frame: Instant::now(),
                     pace: Pace::new(),
                 };
@@ -151,8 +154,9 @@ async fn confirm(socket: &mut UpstreamSocket) -> Result<(), UpstreamError> {
 impl Live {
     /// Makes the upstream subscriptions match the pool's desired topics.
     async fn sync(&mut self, pool: &Pool, key: ChannelKey) -> Result<(), UpstreamError> {
-        let desired = pool.desired(key);
+        let (desired, generation) = pool.desired(key);
         if desired == self.applied {
+            self.applied_generation = generation;
             pool.synced(key, &self.applied, &BTreeSet::new());
             return Ok(());
         }
@@ -163,6 +167,7 @@ impl Live {
         {
             Ok(rejected) => {
                 self.applied = desired.difference(&rejected).cloned().collect();
+                self.applied_generation = generation;
                 pool.synced(key, &self.applied, &rejected);
                 Ok(())
             }
@@ -175,9 +180,11 @@ impl Live {
         }
     }
 
+    /// Whether the pool wants other topics than those subscribed (a successor that
+    /// is still being built does not sync; it subscribes when it opens).
     fn needs_sync(&self, pool: &Pool, key: ChannelKey) -> bool {
         matches!(pool.role(key), Some(Role::Serving | Role::Successor { .. }))
-            && pool.desired(key) != self.applied
+            && pool.desired_generation(key) != self.applied_generation
     }
 
     /// When this channel should hand over: before its token or the channel expires,
@@ -202,11 +209,17 @@ impl Live {
             return Ending::Shutdown;
         };
         let heartbeat = pool.config.load().upstream.heartbeat;
-        let mut handover_at = Some(self.handover_at(pool));
+        // Per frame, only `last_frame` is updated: the silence watch looks at it a few
+        // times per heartbeat interval, and the pool is consulted only when it wakes us.
+        let mut silence_watch = tokio::time::interval(heartbeat / 4);
+        silence_watch.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let handover = tokio::time::sleep_until(self.handover_at(pool));
+        tokio::pin!(handover);
+        let mut handover_armed = true;
         let mut pinged = false;
+        let mut dirty = self.needs_sync(pool, key);
         loop {
-            let silence_deadline = self.last_frame + if pinged { heartbeat * 2 } else { heartbeat };
-            let sync_at = self.needs_sync(pool, key).then(|| self.pace.next_at());
+            let sync_at = dirty.then(|| self.pace.next_at());
             tokio::select! {
                 message = self.socket.next() => match message {
                     Some(Ok(Message::Text(text))) => {
@@ -230,33 +243,39 @@ impl Live {
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ending::Lost { gone: false },
                     Some(Ok(_)) => self.last_frame = Instant::now(),
                 },
-                _ = wake.notified() => {}
-                _ = sleep_until_some(handover_at) => {
-                    handover_at = None;
+                _ = wake.notified() => {
+                    if let Some(at_once) = pool.retiring(key) {
+                        return Ending::Retired { at_once };
+                    }
+                    if pool.handover_due(key) {
+                        pool.begin_handover(key);
+                    }
+                    dirty = self.needs_sync(pool, key);
+                }
+                _ = &mut handover, if handover_armed => {
+                    handover_armed = false;
                     pool.request_handover(key);
                 }
                 _ = sleep_until_some(sync_at) => {
                     if self.pace.take() && matches!(self.sync(pool, key).await, Err(UpstreamError::Unauthorized)) {
                         return Ending::Lost { gone: true };
                     }
+                    dirty = self.needs_sync(pool, key);
                 }
-                _ = tokio::time::sleep_until(silence_deadline) => {
-                    if pinged {
+                _ = silence_watch.tick() => {
+                    let silent = self.last_frame.elapsed();
+                    if pinged && silent >= heartbeat * 2 {
                         tracing::warn!(channel = key, "upstream socket silent after a ping: rebuilding");
                         return Ending::Lost { gone: false };
                     }
-                    pinged = true;
-                    if self.socket.send(Message::text(frame::PING)).await.is_err() {
-                        return Ending::Lost { gone: false };
+                    if !pinged && silent >= heartbeat {
+                        pinged = true;
+                        if self.socket.send(Message::text(frame::PING)).await.is_err() {
+                            return Ending::Lost { gone: false };
+                        }
                     }
                 }
                 _ = pool.shutdown.cancelled() => return Ending::Shutdown,
-            }
-            if let Some(at_once) = pool.retiring(key) {
-                return Ending::Retired { at_once };
-            }
-            if pool.handover_due(key) {
-                pool.begin_handover(key);
             }
         }
     }
@@ -320,16 +339,28 @@ impl Live {
 }
 
 /// Retires a token with `DELETE /api/v2/tokens/me`, which ends its channel upstream.
-/// A 401 means it was dead already. If Genesys cannot be reached, the channel
-/// still counts against the budget until the token would have expired.
+/// A 401 means it was dead already. While Genesys cannot be reached, it tries again
+/// with back-off — the channel still counts against the budget meanwhile — until it
+/// succeeds or the token expires on its own.
 async fn retire_token(pool: &Pool, token: &Token) {
-    match pool.genesys.retire_token(&token.value).await {
-        Ok(()) | Err(UpstreamError::Unauthorized) => {}
-        Err(error) => {
-            tracing::warn!(%error, "could not retire a token: its slot stays taken until the token expires");
-            tokio::select! {
-                _ = tokio::time::sleep_until(token.expires_at) => {}
-                _ = pool.shutdown.cancelled() => {}
+    let mut backoff = Backoff::new();
+    loop {
+        match pool.genesys.retire_token(&token.value).await {
+            Ok(()) | Err(UpstreamError::Unauthorized) => return,
+            Err(error) => {
+                tracing::warn!(%error, "could not retire a token: its channel keeps its budget slot meanwhile");
+                let retry_at = Instant::now()
+                    + error
+                        .retry_after()
+                        .unwrap_or_default()
+                        .max(backoff.next_wait());
+                tokio::select! {
+                    _ = tokio::time::sleep_until(retry_at.min(token.expires_at)) => {}
+                    _ = pool.shutdown.cancelled() => return,
+                }
+                if Instant::now() >= token.expires_at {
+                    return;
+                }
             }
         }
     }

@@ -67,6 +67,9 @@ struct Entry {
     role: Role,
     credential: Option<Arc<str>>,
     desired: BTreeSet<String>,
+    /// Bumped at every change of `desired`, so the channel task can tell cheaply
+    /// whether it must sync.
+    generation: u64,
     holds_slot: bool,
     socket_open: bool,
     /// A handover was asked for (drain, maintenance warning).
@@ -129,6 +132,7 @@ impl PoolState {
                 role,
                 credential: None,
                 desired,
+                generation: 1,
                 holds_slot: false,
                 socket_open: false,
                 handover_requested: false,
@@ -235,6 +239,7 @@ impl Pool {
                     Some(key) => {
                         let entry = state.channels.get_mut(&key).expect("just chosen");
                         entry.desired.insert(topic.clone());
+                        entry.generation += 1;
                         to_wake.push(entry.wake.clone());
                         Placement {
                             channel: Some(key),
@@ -269,6 +274,7 @@ impl Pool {
                 };
                 if let Some(entry) = placement.channel.and_then(|k| state.channels.get_mut(&k)) {
                     entry.desired.remove(topic);
+                    entry.generation += 1;
                     to_wake.push(entry.wake.clone());
                 }
             }
@@ -414,12 +420,18 @@ impl Pool {
         self.state().channels.get(&key).map(|e| e.role)
     }
 
-    pub(super) fn desired(&self, key: ChannelKey) -> BTreeSet<String> {
+    /// The topics the channel should carry, and their generation.
+    pub(super) fn desired(&self, key: ChannelKey) -> (BTreeSet<String>, u64) {
         self.state()
             .channels
             .get(&key)
-            .map(|e| e.desired.clone())
+            .map(|e| (e.desired.clone(), e.generation))
             .unwrap_or_default()
+    }
+
+    /// The generation of the channel's desired topics (0 once it is gone).
+    pub(super) fn desired_generation(&self, key: ChannelKey) -> u64 {
+        self.state().channels.get(&key).map_or(0, |e| e.generation)
     }
 
     /// Whether the channel should hand over now (asked for, or its credential drains).
@@ -480,8 +492,10 @@ impl Pool {
                 {
                     p.state = TopicState::Rejected;
                 }
-                if let Some(entry) = state.channels.get_mut(&key) {
-                    entry.desired.remove(topic);
+                if let Some(entry) = state.channels.get_mut(&key)
+                    && entry.desired.remove(topic)
+                {
+                    entry.generation += 1;
                 }
             }
         }
