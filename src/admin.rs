@@ -102,6 +102,31 @@ impl Admin {
             self.sessions.count() as u64,
         );
         metric(
+            "handover_client_sockets",
+            "gauge",
+            "Client WebSockets open.",
+            self.sessions.connected() as u64,
+        );
+        let mints = &self.tokens.counters;
+        metric(
+            "handover_token_mints_total",
+            "counter",
+            "Tokens minted.",
+            mints.minted.load(Ordering::Relaxed),
+        );
+        metric(
+            "handover_token_mints_rejected_total",
+            "counter",
+            "Mints refused with invalid_client (a rotated or wrong secret).",
+            mints.rejected.load(Ordering::Relaxed),
+        );
+        metric(
+            "handover_token_mints_failed_total",
+            "counter",
+            "Mints that failed otherwise (throttled, 5xx, unreachable).",
+            mints.failed.load(Ordering::Relaxed),
+        );
+        metric(
             "handover_topics",
             "gauge",
             "Topics with at least one subscriber.",

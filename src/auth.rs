@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,6 +88,17 @@ pub struct TokenSource {
     config: Arc<ArcSwap<Config>>,
     sets: Mutex<HashMap<String, SetState>>,
     minted_once: AtomicBool,
+    pub counters: MintCounters,
+}
+
+/// Token mints by outcome, for metrics.
+#[derive(Default)]
+pub struct MintCounters {
+    pub minted: AtomicU64,
+    /// 400 `invalid_client`: the secret was refused.
+    pub rejected: AtomicU64,
+    /// Throttled, 5xx, unreachable.
+    pub failed: AtomicU64,
 }
 
 impl TokenSource {
@@ -97,6 +108,7 @@ impl TokenSource {
             config,
             sets: Mutex::default(),
             minted_once: AtomicBool::new(false),
+            counters: MintCounters::default(),
         }
     }
 
@@ -152,6 +164,7 @@ impl TokenSource {
                         tracing::info!(credential = name, "the client secret is accepted again");
                     }
                     self.minted_once.store(true, Ordering::Release);
+                    self.counters.minted.fetch_add(1, Ordering::Relaxed);
                     return Ok(Token {
                         value: minted.token,
                         credential: Arc::from(name),
@@ -160,6 +173,7 @@ impl TokenSource {
                     });
                 }
                 Err(UpstreamError::CredentialsRejected(reason)) => {
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
                     let first_time = self
                         .sets()
                         .get_mut(name)
@@ -180,6 +194,7 @@ impl TokenSource {
                     last = format!("{name:?}: {reason}");
                 }
                 Err(error) => {
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(credential = name, %error, "token mint failed");
                     retry_after = retry_after.max(error.retry_after());
                     last = format!("{name:?}: {error}");

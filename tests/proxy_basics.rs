@@ -26,7 +26,8 @@ async fn desktops_share_one_upstream_channel_and_get_each_event_once() {
     let stream = start_stream(&fake_api, &topics("v2.users", 4), 200.0, 40).await;
     stream_done(&fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
     let all = topics("v2.users", 4);
-    let (lost, duplicated, unexpected) = settle(&[a, b], &|d| d.expected(stream, &all, 40)).await;
+    let desktops = [a, b];
+    let (lost, duplicated, unexpected) = settle(&desktops, &|d| d.expected(stream, &all, 40)).await;
     assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
 
     let stats = fake_api.stats().await;
@@ -40,6 +41,20 @@ async fn desktops_share_one_upstream_channel_and_get_each_event_once() {
     );
     let ready = admin.get("/readyz").await;
     assert_eq!(ready.status, 200);
+    let metrics = admin.get("/metrics").await.body;
+    let metrics = metrics.as_str().expect("Prometheus text");
+    for line in [
+        "handover_client_sockets 2",
+        "handover_topics 3",
+        "handover_upstream_channels 1",
+        "handover_token_mints_total 1",
+        "handover_duplicates_suppressed_total 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

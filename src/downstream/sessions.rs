@@ -120,6 +120,14 @@ impl Sessions {
         self.channels.len()
     }
 
+    /// Client channels with a socket open.
+    pub fn connected(&self) -> usize {
+        self.channels
+            .iter()
+            .filter(|c| c.outbox.is_attached())
+            .count()
+    }
+
     /// Drops a channel and its subscriptions.
     pub fn close(&self, id: &str) {
         if let Some((_, channel)) = self.channels.remove(id) {
