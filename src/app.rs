@@ -192,6 +192,6 @@ async fn close_idle_channels(
             _ = shutdown.cancelled() => return,
         }
         idle = config.load().server.client_idle;
-        sessions.close_idle(idle);
+        sessions.close_idle(idle).await;
     }
 }

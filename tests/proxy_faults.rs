@@ -216,3 +216,52 @@ async fn stream_urls_subscribe_without_the_rest_dance() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_refused_change_leaves_the_channels_topics_as_they_were() {
+    let settings = Settings {
+        deny_topics: vec!["v2.secret.*".into()],
+        ..Settings::default()
+    };
+    let w = World::start(&[A], Duration::from_secs(3600), settings, "").await;
+    let desktop = desktop(&w.client, &["v2.keep".to_owned()]).await;
+    let subs = format!(
+        "/api/v2/notifications/channels/{}/subscriptions",
+        desktop.channel
+    );
+
+    let refused = w
+        .client
+        .call(Method::PUT, &subs, "", Some(json!([{"id": "v2.secret.x"}])))
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(refused.body["code"], "missing.permissions");
+    let listed = w.client.call(Method::GET, &subs, "", None).await;
+    assert_eq!(
+        listed.body["entities"],
+        json!([{"id": "v2.keep", "state": "Permitted"}])
+    );
+    first_event(&desktop, &w.fake_api, "v2.keep").await;
+
+    // With ignoreErrors the permitted part goes through and the rest comes back Rejected.
+    let lenient = w
+        .client
+        .call(
+            Method::POST,
+            &format!("{subs}?ignoreErrors=true"),
+            "",
+            Some(json!([{"id": "v2.secret.y"}, {"id": "v2.more"}])),
+        )
+        .await;
+    assert_eq!(lenient.status, 200, "{}", lenient.body);
+    let entities = lenient.body["entities"].as_array().unwrap();
+    assert!(entities.contains(&json!({"id": "v2.more", "state": "Permitted"})));
+    assert!(entities.contains(
+        &json!({"id": "v2.secret.y", "state": "Rejected", "rejectionReason": "MissingPermissions"})
+    ));
+    assert_eq!(
+        w.fake_api.stats().await["subscriptions"],
+        2,
+        "only the permitted topics upstream"
+    );
+}

@@ -164,12 +164,12 @@ impl Downstream {
             .change(&channel, Change::Add(topics), false)
             .await
         {
-            self.sessions.close(&channel.id);
+            self.sessions.close(&channel.id).await;
             return Err(error);
         }
         let opened = self.open_socket_on(&mut req, channel.clone(), true);
         if opened.is_err() {
-            self.sessions.close(&channel.id);
+            self.sessions.close(&channel.id).await;
         }
         opened
     }
@@ -207,7 +207,7 @@ impl Downstream {
                 Err(_) => channel.outbox.detach(generation),
             }
             if ephemeral {
-                sessions.close(&channel.id);
+                sessions.close(&channel.id).await;
             }
         });
         Ok(response)

@@ -32,6 +32,8 @@ pub struct ClientChannel {
     pub outbox: Arc<Outbox>,
     pub expires: SystemTime,
     topics: Mutex<BTreeSet<String>>,
+    /// Held for the whole of a subscription change.
+    changing: tokio::sync::Mutex<()>,
     /// When its last socket closed (`None` while one is open).
     detached_since: Mutex<Option<Instant>>,
 }
@@ -106,6 +108,7 @@ impl Sessions {
             outbox: Arc::new(Outbox::default()),
             expires: SystemTime::now() + ADVERTISED_LIFETIME,
             topics: Mutex::default(),
+            changing: tokio::sync::Mutex::new(()),
             detached_since: Mutex::new(Some(Instant::now())),
         });
         self.channels.insert(channel.id.clone(), channel.clone());
@@ -128,19 +131,21 @@ impl Sessions {
             .count()
     }
 
-    /// Drops a channel and its subscriptions.
-    pub fn close(&self, id: &str) {
-        if let Some((_, channel)) = self.channels.remove(id) {
-            let topics: Vec<String> =
-                std::mem::take(&mut *channel.topics.lock().unwrap_or_else(|p| p.into_inner()))
-                    .into_iter()
-                    .collect();
-            self.unsubscribe(&channel, &topics);
-        }
+    /// Drops a channel and its subscriptions (after any change in flight on it).
+    pub async fn close(&self, id: &str) {
+        let Some((_, channel)) = self.channels.remove(id) else {
+            return;
+        };
+        let _one_change = channel.changing.lock().await;
+        let topics: Vec<String> =
+            std::mem::take(&mut *channel.topics.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        self.unsubscribe(&channel, &topics);
     }
 
     /// Closes channels whose socket has been gone for longer than `idle`.
-    pub fn close_idle(&self, idle: Duration) {
+    pub async fn close_idle(&self, idle: Duration) {
         let idle_ids: Vec<String> = self
             .channels
             .iter()
@@ -151,31 +156,31 @@ impl Sessions {
             .map(|c| c.id.clone())
             .collect();
         for id in idle_ids {
-            self.close(&id);
+            self.close(&id).await;
         }
     }
 
-    /// Applies a subscription change and answers once the new topics are live.
+    /// Applies a subscription change and answers once the new topics are live. A
+    /// change that fails leaves the channel's topics as they were (as at Genesys):
+    /// topics leave only once the new ones are live.
     pub async fn change(
         &self,
         channel: &Arc<ClientChannel>,
         change: Change,
         ignore_errors: bool,
     ) -> Result<Vec<TopicAnswer>, ClientError> {
-        let (added, removed) = {
-            let mut topics = channel.topics.lock().unwrap_or_else(|p| p.into_inner());
-            let next: BTreeSet<String> = match &change {
-                Change::Add(new) => topics.iter().cloned().chain(new.iter().cloned()).collect(),
-                Change::Replace(new) => new.iter().cloned().collect(),
-                Change::RemoveAll => BTreeSet::new(),
-            };
-            validate(&next)?;
-            let added: Vec<String> = next.difference(&topics).cloned().collect();
-            let removed: Vec<String> = topics.difference(&next).cloned().collect();
-            *topics = next;
-            (added, removed)
+        // One change at a time per channel: each is computed against the last.
+        let _one_change = channel.changing.lock().await;
+        let current = channel.topics();
+        let mut next: BTreeSet<String> = match change {
+            Change::Add(new) => current.iter().cloned().chain(new).collect(),
+            Change::Replace(new) => new.into_iter().collect(),
+            Change::RemoveAll => BTreeSet::new(),
         };
-        self.unsubscribe(channel, &removed);
+        validate(&next)?;
+        let added: Vec<String> = next.difference(&current).cloned().collect();
+        let removed: Vec<String> = current.difference(&next).cloned().collect();
+        let mut rejected = Vec::new();
         if !added.is_empty() {
             {
                 let _serial = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,35 +191,27 @@ impl Sessions {
                 .pool
                 .wait(&added, Instant::now() + SUBSCRIBE_DEADLINE)
                 .await;
-            let failure = self.judge(&outcomes, ignore_errors);
-            let rollback: Vec<String> = match &failure {
-                Some(_) => added.clone(),
-                None => outcomes
-                    .iter()
-                    .filter(|(_, o)| *o == TopicOutcome::Rejected)
-                    .map(|(t, _)| t.clone())
-                    .collect(),
-            };
-            if !rollback.is_empty() {
-                channel
-                    .topics
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .retain(|t| !rollback.contains(t));
-                self.unsubscribe(channel, &rollback);
-            }
-            if let Some(error) = failure {
+            if let Some(error) = self.judge(&outcomes, ignore_errors) {
+                self.unsubscribe(channel, &added);
                 return Err(error);
             }
-            let mut answer = permitted(channel);
-            answer.extend(rollback.into_iter().map(|id| TopicAnswer {
-                id,
-                state: "Rejected",
-                rejection_reason: Some("MissingPermissions"),
-            }));
-            return Ok(answer);
+            rejected = outcomes
+                .into_iter()
+                .filter(|(_, o)| *o == TopicOutcome::Rejected)
+                .map(|(t, _)| t)
+                .collect();
+            self.unsubscribe(channel, &rejected);
+            next.retain(|t| !rejected.contains(t));
         }
-        Ok(permitted(channel))
+        *channel.topics.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        self.unsubscribe(channel, &removed);
+        let mut answer = permitted(channel);
+        answer.extend(rejected.into_iter().map(|id| TopicAnswer {
+            id,
+            state: "Rejected",
+            rejection_reason: Some("MissingPermissions"),
+        }));
+        Ok(answer)
     }
 
     /// The error for the whole request, if any topic failed in a way that fails it.
