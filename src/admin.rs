@@ -86,100 +86,107 @@ impl Admin {
     }
 
     fn metrics(&self) -> Response {
-        let counters = &self.router.counters;
+        const GAUGE: &str = "gauge";
+        const COUNTER: &str = "counter";
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let (routed, mints) = (&self.router.counters, &self.tokens.counters);
         let channels = self.pool.channels();
+        let count = |pred: fn(&crate::upstream::pool::ChannelView) -> bool| {
+            channels.iter().filter(|c| pred(c)).count() as u64
+        };
+        let metrics: [(&str, &str, &str, u64); 14] = [
+            (
+                "handover_client_channels",
+                GAUGE,
+                "Client channels open.",
+                self.sessions.count() as u64,
+            ),
+            (
+                "handover_client_sockets",
+                GAUGE,
+                "Client WebSockets open.",
+                self.sessions.connected() as u64,
+            ),
+            (
+                "handover_topics",
+                GAUGE,
+                "Topics with at least one subscriber.",
+                self.router.topic_count() as u64,
+            ),
+            (
+                "handover_upstream_channels",
+                GAUGE,
+                "Upstream channels holding a budget slot.",
+                count(|c| c.holds_slot),
+            ),
+            (
+                "handover_upstream_sockets",
+                GAUGE,
+                "Upstream sockets open.",
+                count(|c| c.socket_open),
+            ),
+            (
+                "handover_token_mints_total",
+                COUNTER,
+                "Tokens minted.",
+                load(&mints.minted),
+            ),
+            (
+                "handover_token_mints_rejected_total",
+                COUNTER,
+                "Mints refused with invalid_client (a rotated or wrong secret).",
+                load(&mints.rejected),
+            ),
+            (
+                "handover_token_mints_failed_total",
+                COUNTER,
+                "Mints that failed otherwise (throttled, 5xx, unreachable).",
+                load(&mints.failed),
+            ),
+            (
+                "handover_handovers_total",
+                COUNTER,
+                "Planned make-before-break handovers completed.",
+                load(&self.pool.handovers),
+            ),
+            (
+                "handover_rebuilds_total",
+                COUNTER,
+                "Upstream channels rebuilt after an unplanned loss (clients got a gap notice).",
+                load(&self.pool.rebuilds),
+            ),
+            (
+                "handover_events_routed_total",
+                COUNTER,
+                "Upstream events routed (after deduplication).",
+                load(&routed.events_routed),
+            ),
+            (
+                "handover_deliveries_total",
+                COUNTER,
+                "Event frames queued to client sockets.",
+                load(&routed.deliveries),
+            ),
+            (
+                "handover_duplicates_suppressed_total",
+                COUNTER,
+                "Events dropped because another channel delivered them already.",
+                load(&routed.duplicates_suppressed),
+            ),
+            (
+                "handover_undeliverable_total",
+                COUNTER,
+                "Deliveries to subscribers with no open socket or a full queue.",
+                load(&routed.undeliverable),
+            ),
+        ];
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        for (name, kind, help, value) in metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        metric(
-            "handover_client_channels",
-            "gauge",
-            "Client channels open.",
-            self.sessions.count() as u64,
-        );
-        metric(
-            "handover_client_sockets",
-            "gauge",
-            "Client WebSockets open.",
-            self.sessions.connected() as u64,
-        );
-        let mints = &self.tokens.counters;
-        metric(
-            "handover_token_mints_total",
-            "counter",
-            "Tokens minted.",
-            mints.minted.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_token_mints_rejected_total",
-            "counter",
-            "Mints refused with invalid_client (a rotated or wrong secret).",
-            mints.rejected.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_token_mints_failed_total",
-            "counter",
-            "Mints that failed otherwise (throttled, 5xx, unreachable).",
-            mints.failed.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_topics",
-            "gauge",
-            "Topics with at least one subscriber.",
-            self.router.topic_count() as u64,
-        );
-        metric(
-            "handover_upstream_channels",
-            "gauge",
-            "Upstream channels holding a budget slot.",
-            channels.iter().filter(|c| c.holds_slot).count() as u64,
-        );
-        metric(
-            "handover_upstream_sockets",
-            "gauge",
-            "Upstream sockets open.",
-            channels.iter().filter(|c| c.socket_open).count() as u64,
-        );
-        metric(
-            "handover_handovers_total",
-            "counter",
-            "Planned make-before-break handovers completed.",
-            self.pool.handovers.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_rebuilds_total",
-            "counter",
-            "Upstream channels rebuilt after an unplanned loss (clients got a gap notice).",
-            self.pool.rebuilds.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_events_routed_total",
-            "counter",
-            "Upstream events routed (after deduplication).",
-            counters.events_routed.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_deliveries_total",
-            "counter",
-            "Event frames queued to client sockets.",
-            counters.deliveries.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_duplicates_suppressed_total",
-            "counter",
-            "Events dropped because another channel delivered them already.",
-            counters.duplicates_suppressed.load(Ordering::Relaxed),
-        );
-        metric(
-            "handover_undeliverable_total",
-            "counter",
-            "Deliveries to subscribers with no open socket or a full queue.",
-            counters.undeliverable.load(Ordering::Relaxed),
-        );
+        }
         http_server::with_body(StatusCode::OK, out.into(), "text/plain; version=0.0.4")
     }
 }
