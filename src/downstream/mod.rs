@@ -39,7 +39,7 @@ impl Downstream {
         }
     }
 
-    async fn route(&self, req: Request) -> Result<Response, ClientError> {
+    async fn route(&self, mut req: Request) -> Result<Response, ClientError> {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
@@ -79,7 +79,7 @@ impl Downstream {
             }
             ["channels", id] if method == Method::GET => {
                 let channel = self.channel(id)?;
-                self.open_socket(req, channel, false)
+                self.open_socket(&mut req, channel, false)
             }
             ["stream"] if method == Method::GET => self.stream(req).await,
             _ => Err(ClientError::not_found(format!("No resource at {path}"))),
@@ -167,23 +167,16 @@ impl Downstream {
             self.sessions.close(&channel.id).await;
             return Err(error);
         }
-        let opened = self.open_socket_on(&mut req, channel.clone(), true);
+        let opened = self.open_socket(&mut req, channel.clone(), true);
         if opened.is_err() {
             self.sessions.close(&channel.id).await;
         }
         opened
     }
 
+    /// Upgrades to the client socket of `channel` (replacing any socket it has); an
+    /// `ephemeral` channel (`/stream`) ends with its socket.
     fn open_socket(
-        &self,
-        mut req: Request,
-        channel: Arc<ClientChannel>,
-        ephemeral: bool,
-    ) -> Result<Response, ClientError> {
-        self.open_socket_on(&mut req, channel, ephemeral)
-    }
-
-    fn open_socket_on(
         &self,
         req: &mut Request,
         channel: Arc<ClientChannel>,
