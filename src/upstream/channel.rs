@@ -76,7 +76,7 @@ async fn establish(pool: &Arc<Pool>, key: ChannelKey) -> Option<Live> {
     loop {
         pool.role(key)?;
         let token = pool.tokens.mint_until_success(&pool.shutdown).await?;
-        match open(pool, key, &token).await {
+        let error = match open(pool, key, &token).await {
             Ok((channel, socket)) => {
                 let mut live = Live {
                     token,
@@ -88,25 +88,29 @@ async fn establish(pool: &Arc<Pool>, key: ChannelKey) -> Option<Live> {
                     pace: Pace::new(),
                 };
                 pool.socket_state(key, &live.token.credential, true);
-                if live.sync(pool, key).await.is_ok() {
-                    return Some(live);
+                match live.sync(pool, key).await {
+                    Ok(()) => return Some(live),
+                    Err(error) => {
+                        pool.socket_state(key, &live.token.credential, false);
+                        let _ = live.socket.close(None).await;
+                        retire_token(pool, &live.token).await;
+                        error
+                    }
                 }
-                pool.socket_state(key, &live.token.credential, false);
-                let _ = live.socket.close(None).await;
-                retire_token(pool, &live.token).await;
             }
             Err(error) => {
                 tracing::warn!(%error, credential = %token.credential, "could not open an upstream channel");
                 retire_token(pool, &token).await;
-                let wait = error
-                    .retry_after()
-                    .unwrap_or_default()
-                    .max(backoff.next_wait());
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = pool.shutdown.cancelled() => return None,
-                }
+                error
             }
+        };
+        let wait = error
+            .retry_after()
+            .unwrap_or_default()
+            .max(backoff.next_wait());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = pool.shutdown.cancelled() => return None,
         }
     }
 }
