@@ -32,6 +32,9 @@ pub const CLIENT_QUEUE: usize = 1024;
 pub struct Outbox {
     sender: ArcSwapOption<Attached>,
     generation: AtomicU64,
+    /// Since when frames for this session were dropped (no socket open, or the socket
+    /// was too slow): the next socket starts with a gap notice from then.
+    missed_since: Mutex<Option<SystemTime>>,
 }
 
 struct Attached {
@@ -41,13 +44,25 @@ struct Attached {
 
 impl Outbox {
     /// Attaches a new socket, detaching any previous one. Returns the socket's
-    /// generation and its queue.
-    pub fn attach(&self) -> (u64, mpsc::Receiver<Utf8Bytes>) {
+    /// generation, its queue, and since when frames were dropped, if any were.
+    pub fn attach(&self) -> (u64, mpsc::Receiver<Utf8Bytes>, Option<SystemTime>) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         self.sender
             .store(Some(Arc::new(Attached { generation, tx })));
-        (generation, rx)
+        let missed_since = self
+            .missed_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        (generation, rx, missed_since)
+    }
+
+    fn missed(&self) {
+        self.missed_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(SystemTime::now);
     }
 
     /// Detaches the socket of `generation`, if it is still the current one.
@@ -67,21 +82,24 @@ impl Outbox {
         self.sender.load().is_some()
     }
 
-    /// Queues a frame for the socket. `false` if no socket is open or it was too slow.
+    /// Queues a frame for the socket. `false` if no socket is open or it was too slow
+    /// (the frame is dropped, and the next socket hears of the gap).
     pub fn send(&self, frame: &Utf8Bytes) -> bool {
         let guard = self.sender.load();
         let Some(attached) = guard.as_ref() else {
+            self.missed();
             return false;
         };
         match attached.tx.try_send(frame.clone()) {
-            Ok(()) => true,
+            Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("client socket too slow: disconnecting it");
                 self.detach(attached.generation);
-                false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+        self.missed();
+        false
     }
 }
 
@@ -300,7 +318,7 @@ mod tests {
     async fn an_event_seen_on_two_channels_is_delivered_once() {
         let router = Router::new(Duration::from_secs(10));
         let outbox = Arc::new(Outbox::default());
-        let (_, rx) = outbox.attach();
+        let (_, rx, _) = outbox.attach();
         router.add(1, &outbox, &topics(&["t"]));
         let frame =
             Utf8Bytes::from_static(r#"{"topicName":"t","metadata":{"CorrelationId":"c1"}}"#);
@@ -341,8 +359,8 @@ mod tests {
     #[tokio::test]
     async fn a_new_socket_replaces_the_old_and_a_slow_one_is_cut_off() {
         let outbox = Outbox::default();
-        let (first, mut first_rx) = outbox.attach();
-        let (second, second_rx) = outbox.attach();
+        let (first, mut first_rx, _) = outbox.attach();
+        let (second, second_rx, _) = outbox.attach();
         assert!(outbox.replaced(first));
         assert!(
             first_rx.recv().await.is_none(),
@@ -362,10 +380,10 @@ mod tests {
     async fn a_gap_notice_names_only_the_sessions_own_topics() {
         let router = Router::new(Duration::from_secs(10));
         let a = Arc::new(Outbox::default());
-        let (_, mut rx) = a.attach();
+        let (_, mut rx, _) = a.attach();
         router.add(1, &a, &topics(&["x"]));
         let b = Arc::new(Outbox::default());
-        let (_, mut rx_b) = b.attach();
+        let (_, mut rx_b, _) = b.attach();
         router.add(2, &b, &topics(&["y"]));
         let t = SystemTime::UNIX_EPOCH;
         router.notify_gap(&topics(&["x", "z"]), t, t + Duration::from_secs(1));

@@ -265,3 +265,54 @@ async fn a_refused_change_leaves_the_channels_topics_as_they_were() {
         "only the permitted topics upstream"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_was_away_hears_of_the_events_it_missed() {
+    let w = World::start(&[A], Duration::from_secs(3600), Settings::default(), "").await;
+    let created = w.client.post("/api/v2/notifications/channels").await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let uri = created.body["connectUri"].as_str().unwrap().to_owned();
+    let first = connect(&uri).await;
+    w.client
+        .call(
+            Method::PUT,
+            &format!("/api/v2/notifications/channels/{id}/subscriptions"),
+            "",
+            Some(json!([{"id": "v2.away"}])),
+        )
+        .await;
+    drop(first);
+    wait_for("the proxy to see the socket go", || {
+        let admin = w.admin.clone();
+        async move {
+            let metrics = admin.get("/metrics").await.body;
+            metrics
+                .as_str()?
+                .lines()
+                .any(|l| l == "handover_client_sockets 0")
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        w.fake_api.publish("v2.away").await["delivered"],
+        1,
+        "upstream still delivers"
+    );
+
+    let mut back = connect(&uri).await;
+    match next_non_heartbeat(&mut back).await {
+        Next::Text(frame) => {
+            assert_eq!(frame["topicName"], "handover.gap");
+            assert_eq!(frame["eventBody"]["topics"], json!(["v2.away"]));
+        }
+        other => panic!("expected a gap notice, got {other:?}"),
+    }
+    // The next socket starts clean.
+    drop(back);
+    let mut again = connect(&uri).await;
+    send_text(&mut again, r#"{"message":"ping"}"#).await;
+    assert!(
+        matches!(next_non_heartbeat(&mut again).await, Next::Text(f) if f["eventBody"]["message"] == "pong")
+    );
+}

@@ -8,6 +8,7 @@ pub mod sessions;
 mod socket;
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http_server::{self, Request, Response, json, query_param};
+use crate::router::gap_frame;
 use crate::ws;
 use error::ClientError;
 use sessions::{Change, ClientChannel, Sessions};
@@ -185,7 +187,16 @@ impl Downstream {
         let (response, pending) = ws::accept(req).map_err(|refused| {
             ClientError::new(StatusCode::BAD_REQUEST, "bad.request", refused.to_string())
         })?;
-        let (generation, outbox) = channel.outbox.attach();
+        let (generation, outbox, missed_since) = channel.outbox.attach();
+        if let Some(from) = missed_since {
+            // Events for this channel were dropped while it had no socket (or a too
+            // slow one): say so first, so that the client can backfill over REST.
+            let topics = channel.topics();
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            channel
+                .outbox
+                .send(&gap_frame(from, SystemTime::now(), &topics));
+        }
         let client = ClientSocket {
             channel: channel.clone(),
             sessions: self.sessions.clone(),
