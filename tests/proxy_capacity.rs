@@ -245,3 +245,49 @@ async fn a_login_storm_of_500_desktops_stays_inside_the_rate_limit() {
     assert_eq!(count_status(&stats, 429), 0, "no 429 at all");
     assert_eq!(stats["subscriptions"], 340);
 }
+
+#[tokio::test]
+async fn a_channel_left_without_topics_is_retired_and_its_slot_freed() {
+    let extra = "[upstream]\nheartbeat = \"400ms\"\n";
+    let (_fake, fake_api, proxy, client, _secrets) =
+        world(Duration::from_secs(3600), Settings::default(), extra).await;
+    *proxy.pool.idle_channel_timeout.lock().unwrap() = Duration::from_secs(1);
+    let first = desktop(&client, &["v2.brief".to_owned()]).await;
+    assert_eq!(
+        fake_api.stats().await["clients"]["client-a"]["live_channels"],
+        1
+    );
+    let gone = client
+        .call(
+            Method::DELETE,
+            &format!(
+                "/api/v2/notifications/channels/{}/subscriptions",
+                first.channel
+            ),
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(gone.status, 200);
+    wait_for("the idle channel to be retired upstream", || {
+        let fake_api = fake_api.clone();
+        async move {
+            (fake_api.stats().await["clients"]["client-a"]["live_channels"] == 0).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        proxy.pool.channels().is_empty(),
+        "{:?}",
+        proxy.pool.channels()
+    );
+
+    // The next subscriber gets a fresh channel.
+    let next = desktop(&client, &["v2.next".to_owned()]).await;
+    assert_eq!(fake_api.publish("v2.next").await["delivered"], 1);
+    wait_for("the event", || {
+        let received = next.received();
+        async move { (!received.is_empty()).then_some(()) }
+    })
+    .await;
+}

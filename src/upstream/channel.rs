@@ -221,6 +221,7 @@ impl Live {
         tokio::pin!(handover);
         let mut handover_armed = true;
         let mut pinged = false;
+        let mut idle_since = None;
         let mut dirty = self.needs_sync(pool, key);
         loop {
             let sync_at = dirty.then(|| self.pace.next_at());
@@ -267,6 +268,16 @@ impl Live {
                     dirty = self.needs_sync(pool, key);
                 }
                 _ = silence_watch.tick() => {
+                    match (pool.is_idle(key), idle_since) {
+                        (false, _) => idle_since = None,
+                        (true, None) => idle_since = Some(Instant::now()),
+                        (true, Some(since)) => {
+                            if since.elapsed() >= pool.idle_channel_timeout() && pool.retire_idle(key) {
+                                tracing::info!(channel = key, "upstream channel idle: retiring it");
+                                return Ending::Retired { at_once: true };
+                            }
+                        }
+                    }
                     let silent = self.last_frame.elapsed();
                     if pinged && silent >= heartbeat * 2 {
                         tracing::warn!(channel = key, "upstream socket silent after a ping: rebuilding");

@@ -95,6 +95,9 @@ pub struct Pool {
     pub(super) shutdown: CancellationToken,
     /// Test-only: hand over break-before-make, so that tests can prove they see gaps.
     pub break_before_make: AtomicBool,
+    /// How long a serving channel may carry no topic before it is retired (a minute;
+    /// tests shorten it). Keeping it that long keeps it warm for the next subscriber.
+    pub idle_channel_timeout: Mutex<Duration>,
     pub(super) lead_clamp_warned: AtomicBool,
     /// Planned handovers completed (a successor went live and its predecessor retired).
     pub handovers: AtomicU64,
@@ -146,6 +149,9 @@ impl PoolState {
     }
 }
 
+/// How long a serving channel with no topic is kept before it is retired.
+const IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How many completed handovers `recent_handovers` remembers.
 const RECENT_HANDOVERS: usize = 1000;
 
@@ -188,6 +194,7 @@ impl Pool {
             tasks,
             shutdown,
             break_before_make: AtomicBool::new(false),
+            idle_channel_timeout: Mutex::new(IDLE_CHANNEL_TIMEOUT),
             lead_clamp_warned: AtomicBool::new(false),
             handovers: AtomicU64::new(0),
             recent_handovers: Mutex::default(),
@@ -453,6 +460,37 @@ impl Pool {
             entry.handover_requested = true;
             entry.wake.notify_one();
         }
+    }
+
+    /// Whether a serving channel carries no topic at all.
+    pub(super) fn is_idle(&self, key: ChannelKey) -> bool {
+        let state = self.state();
+        state
+            .channels
+            .get(&key)
+            .is_some_and(|e| e.role == Role::Serving && e.desired.is_empty())
+    }
+
+    /// Retires a serving channel that still carries no topic; `false` if it got one
+    /// meanwhile. Without topics there is nothing to overlap.
+    pub(super) fn retire_idle(&self, key: ChannelKey) -> bool {
+        let mut state = self.state();
+        let Some(entry) = state.channels.get_mut(&key) else {
+            return false;
+        };
+        if entry.role != Role::Serving || !entry.desired.is_empty() {
+            return false;
+        }
+        entry.role = Role::Retiring;
+        entry.retire_at_once = true;
+        true
+    }
+
+    pub(super) fn idle_channel_timeout(&self) -> Duration {
+        *self
+            .idle_channel_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the channel should stop: `Some(at_once)` once it is retiring.
