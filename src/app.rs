@@ -44,6 +44,10 @@ pub struct Proxy {
     config: Arc<ArcSwap<Config>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The admin listener outlives the rest, so that `/readyz` answers 503 while the
+    /// proxy shuts down.
+    admin_stop: CancellationToken,
+    admin_server: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
@@ -112,10 +116,11 @@ impl Proxy {
             move |req: Request| downstream.clone().handle(req),
             shutdown.clone(),
         ));
-        tasks.spawn(http_server::serve(
+        let admin_stop = CancellationToken::new();
+        let admin_server = tokio::spawn(http_server::serve(
             admin_listener,
             move |req: Request| admin.clone().handle(req),
-            shutdown.clone(),
+            admin_stop.clone(),
         ));
         tasks.spawn(close_idle_channels(
             sessions,
@@ -133,6 +138,8 @@ impl Proxy {
             config,
             shutdown,
             tasks,
+            admin_stop,
+            admin_server,
         })
     }
 
@@ -154,8 +161,9 @@ impl Proxy {
         self.config.load_full()
     }
 
-    /// Stops accepting, closes client sockets (1001), retires upstream tokens, and
-    /// waits for it all, at most for the grace period.
+    /// Stops accepting clients, closes client sockets (1001), retires upstream
+    /// tokens, and waits for it all, at most for the grace period; `/readyz` answers
+    /// 503 meanwhile. The admin listener stops last.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.tasks.close();
@@ -165,6 +173,8 @@ impl Proxy {
         {
             tracing::warn!("shutdown grace period over: exiting with tasks still running");
         }
+        self.admin_stop.cancel();
+        let _ = self.admin_server.await;
     }
 }
 

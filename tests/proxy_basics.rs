@@ -121,3 +121,44 @@ async fn the_proxy_answers_pings_and_never_forwards_system_frames() {
         other => panic!("expected the event, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn readiness_answers_503_while_the_proxy_shuts_down() {
+    let World {
+        fake: _fake,
+        fake_api,
+        proxy,
+        client,
+        admin,
+        secrets: _secrets,
+    } = World::start(&[A], Duration::from_secs(3600), Settings::default(), "").await;
+    let desktop = desktop(&client, &["v2.bye".to_owned()]).await;
+    assert_eq!(admin.get("/readyz").await.status, 200);
+    // Make retiring the upstream token slow, so that shutdown takes a while.
+    fake_api
+        .patch_settings(json!({"service_times": {"token": "0s", "api": "1s", "ws_upgrade": "0s", "jitter": 0.0}}))
+        .await;
+    let stopping = tokio::spawn(proxy.stop());
+    wait_for("readyz to answer 503", || {
+        let admin = admin.clone();
+        async move { (admin.get("/readyz").await.status == 503).then_some(()) }
+    })
+    .await;
+    wait_for("the client socket to close", || {
+        let closed = desktop.disconnected();
+        async move { closed.then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        desktop.log.lock().unwrap().closed,
+        Some(Some(1001)),
+        "going away"
+    );
+    stopping.await.unwrap();
+    let after = admin
+        .http
+        .get(format!("{}/readyz", admin.base))
+        .send()
+        .await;
+    assert!(after.is_err(), "the admin listener stops last");
+}
