@@ -139,6 +139,27 @@ pub struct Nginx {
     pub version: String,
 }
 
+impl Drop for Nginx {
+    /// A SIGKILL to the master (`kill_on_drop`) would leave its workers running: ask
+    /// it to stop them and itself, and make sure none is left.
+    fn drop(&mut self) {
+        let pids = super::system::with_children(self.process.pid);
+        let signal = |sig: &str, pid: u32| {
+            let _ = std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status();
+        };
+        signal("-TERM", self.process.pid);
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        while pids.iter().any(|&p| super::system::running(p)) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for &pid in pids.iter().filter(|&&p| super::system::running(p)) {
+            signal("-KILL", pid);
+        }
+    }
+}
+
 impl Nginx {
     /// `Ok(None)` when nginx is not installed.
     pub async fn spawn(fake_addr: &str) -> anyhow::Result<Option<Nginx>> {

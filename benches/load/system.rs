@@ -29,6 +29,17 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Whether a process exists and has not exited (a zombie has).
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
 /// A process and its direct children (nginx: the master and its workers).
 pub fn with_children(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
