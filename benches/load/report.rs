@@ -346,30 +346,39 @@ fn timeline_svg(r: &RotationResult) -> String {
         * 1.1;
     let max_rate = r.timeline.iter().map(|t| t.1 as f64).fold(1.0, f64::max) * 1.1;
     let top = svg.panel(
-        60.0,
-        50.0,
-        800.0,
-        200.0,
-        0.0,
-        max_ms,
+        Frame {
+            left: 60.0,
+            top: 50.0,
+            width: 800.0,
+            height: 200.0,
+            y0: 0.0,
+            y1: max_ms,
+            x0: 0.0,
+            x1: seconds,
+        },
         "latency ms",
-        0.0,
-        seconds,
     );
     let bottom = svg.panel(
-        60.0,
-        320.0,
-        800.0,
-        180.0,
-        0.0,
-        max_rate,
+        Frame {
+            left: 60.0,
+            top: 320.0,
+            width: 800.0,
+            height: 180.0,
+            y0: 0.0,
+            y1: max_rate,
+            x0: 0.0,
+            x1: seconds,
+        },
         "deliveries/s",
-        0.0,
-        seconds,
     );
     for f in [&top, &bottom] {
-        for mark in &r.handover_marks {
-            svg.vline(f, *mark);
+        // A handover completed after the last delivery would be drawn off the plot.
+        for &mark in r
+            .handover_marks
+            .iter()
+            .filter(|&&m| (0.0..=seconds).contains(&m))
+        {
+            svg.vline(f, mark);
         }
         let step = (seconds / 10.0).ceil().max(1.0);
         let mut s = 0.0;
@@ -460,7 +469,19 @@ impl Svg {
 
     fn frame(&mut self, y0: f64, y1: f64, y_label: &str, x0: f64, x1: f64, x_label: &str) -> Frame {
         let (w, h) = (self.width - 120.0, self.height - 110.0);
-        let frame = self.panel(70.0, 45.0, w, h, y0, y1, y_label, x0, x1);
+        let frame = self.panel(
+            Frame {
+                left: 70.0,
+                top: 45.0,
+                width: w,
+                height: h,
+                y0,
+                y1,
+                x0,
+                x1,
+            },
+            y_label,
+        );
         let _ = write!(
             self.body,
             "<text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"middle\">{}</text>",
@@ -471,19 +492,15 @@ impl Svg {
         frame
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn panel(
-        &mut self,
-        left: f64,
-        top: f64,
-        width: f64,
-        height: f64,
-        y0: f64,
-        y1: f64,
-        y_label: &str,
-        x0: f64,
-        x1: f64,
-    ) -> Frame {
+    /// Draws the frame's box and its y label; returns the frame to plot into.
+    fn panel(&mut self, frame: Frame, y_label: &str) -> Frame {
+        let Frame {
+            left,
+            top,
+            width,
+            height,
+            ..
+        } = frame;
         let _ = write!(
             self.body,
             "<rect x=\"{left}\" y=\"{top}\" width=\"{width}\" height=\"{height}\" fill=\"none\" stroke=\"#888\"/>\
@@ -494,16 +511,7 @@ impl Svg {
             top + height / 2.0,
             escape(y_label)
         );
-        Frame {
-            left,
-            top,
-            width,
-            height,
-            y0,
-            y1,
-            x0,
-            x1,
-        }
+        frame
     }
 
     fn x_tick(&mut self, f: &Frame, x: f64, label: &str) {
