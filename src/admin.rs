@@ -61,7 +61,9 @@ impl Admin {
             (&Method::POST, ["admin", "credentials", name, "drain"]) => {
                 match self.tokens.drain(name) {
                     Ok(()) => {
-                        self.pool.credentials_changed();
+                        let tokens = &self.tokens;
+                        self.pool
+                            .credentials_changed(&|name| tokens.is_draining(name));
                         json(StatusCode::ACCEPTED, &self.credential(name))
                     }
                     Err(error) => drain_error(error),
@@ -91,7 +93,7 @@ impl Admin {
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         let (routed, mints) = (&self.router.counters, &self.tokens.counters);
         let channels = self.pool.channels();
-        let count = |pred: fn(&crate::upstream::pool::ChannelView) -> bool| {
+        let count = |pred: fn(&crate::upstream::state::ChannelView) -> bool| {
             channels.iter().filter(|c| pred(c)).count() as u64
         };
         let metrics: [(&str, &str, &str, u64); 14] = [

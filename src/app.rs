@@ -17,8 +17,9 @@ use crate::downstream::Downstream;
 use crate::downstream::sessions::Sessions;
 use crate::http_server::{self, Request};
 use crate::router::Router;
+use crate::upstream::channel::{self, Parts};
 use crate::upstream::genesys::{Genesys, UpstreamError};
-use crate::upstream::pool::Pool;
+use crate::upstream::pool::{self, IDLE_CHANNEL_TIMEOUT, Pool};
 
 /// How long shutdown waits for sockets and upstream tokens to be retired.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -87,14 +88,19 @@ impl Proxy {
         let config = Arc::new(ArcSwap::from_pointee(config));
         let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
         let pool = Pool::new(
+            pool::limits(&config.load(), IDLE_CHANNEL_TIMEOUT),
+            router.clone(),
+            shutdown.clone(),
+        );
+        pool.set_spawner(channel::spawner(Parts::new(
             genesys,
             tokens.clone(),
             router.clone(),
             config.clone(),
             tasks.clone(),
             shutdown.clone(),
-        );
-        let sessions = Arc::new(Sessions::new(router.clone(), pool.clone()));
+        )));
+        let sessions = Arc::new(Sessions::new(router.clone(), pool.clone(), tasks.clone()));
 
         let downstream = Arc::new(Downstream {
             sessions: sessions.clone(),
@@ -152,8 +158,12 @@ impl Proxy {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
+        let idle_timeout = self.pool.limits().idle_timeout;
+        self.pool.reload(pool::limits(&config, idle_timeout));
         self.config.store(Arc::new(config));
-        self.pool.credentials_changed();
+        let tokens = self.tokens.clone();
+        self.pool
+            .credentials_changed(&|name| tokens.is_draining(name));
         tracing::info!("configuration reloaded");
     }
 

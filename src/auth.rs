@@ -26,6 +26,7 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A minted token, pinned to the one upstream channel it creates.
+#[derive(Clone)]
 pub struct Token {
     pub value: Secret,
     /// The credential set that minted it.
@@ -168,7 +169,7 @@ impl TokenSource {
                     return Ok(Token {
                         value: minted.token,
                         credential: Arc::from(name),
-                        expires_at: Instant::now() + minted.lifetime,
+                        expires_at: crate::bounds::after(minted.lifetime),
                         lifetime: minted.lifetime,
                     });
                 }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod bounds;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -18,6 +19,7 @@ pub mod mock;
 pub mod router;
 pub mod sim;
 pub mod tls;
+pub mod topic;
 pub mod upstream;
 pub mod ws;
 

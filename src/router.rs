@@ -236,6 +236,16 @@ impl Router {
     }
 }
 
+impl crate::upstream::Delivery for Router {
+    fn event(&self, topic: &str, correlation_id: Option<&str>, frame: &Utf8Bytes) {
+        self.route(topic, correlation_id, frame);
+    }
+
+    fn gap(&self, topics: &[String], from: SystemTime, to: SystemTime) {
+        self.notify_gap(topics, from, to);
+    }
+}
+
 /// `{"topicName":"handover.gap","eventBody":{"from","to","topics"}}`.
 pub fn gap_frame(from: SystemTime, to: SystemTime, topics: &[&str]) -> Utf8Bytes {
     let frame = serde_json::json!({

@@ -10,6 +10,7 @@ use common::proxy::*;
 use common::*;
 use handover::app::Proxy;
 use handover::mock::{ClientSpec, MockConfig, MockGenesys, Settings};
+use handover::upstream::state::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -49,7 +50,7 @@ async fn topics_pack_onto_two_channels_keeping_the_third_free_and_overflow_is_re
             .pool
             .channels()
             .into_iter()
-            .filter(|c| c.role == "Serving")
+            .filter(|c| c.role == Role::Serving)
             .map(|c| c.topics)
             .collect::<Vec<_>>()
     };
@@ -251,7 +252,7 @@ async fn a_channel_left_without_topics_is_retired_and_its_slot_freed() {
     let extra = "[upstream]\nheartbeat = \"400ms\"\n";
     let (_fake, fake_api, proxy, client, _secrets) =
         world(Duration::from_secs(3600), Settings::default(), extra).await;
-    *proxy.pool.idle_channel_timeout.lock().unwrap() = Duration::from_secs(1);
+    proxy.pool.set_idle_timeout(Duration::from_secs(1));
     let first = desktop(&client, &["v2.brief".to_owned()]).await;
     assert_eq!(
         fake_api.stats().await["clients"]["client-a"]["live_channels"],

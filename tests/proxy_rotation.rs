@@ -128,10 +128,7 @@ async fn rotate(w: &World, client: &str, mode: &str, secret: &str) {
 
 async fn soft_rotation(broken: bool) -> Outcome {
     let w = world(&[A]).await;
-    w.proxy
-        .pool
-        .break_before_make
-        .store(broken, Ordering::Relaxed);
+    w.proxy.pool.set_break_before_make(broken);
     // 16 s of events: the single upstream channel hands over at least three times,
     // and the secret is rotated (new secret in Genesys and in the file) on the way.
     run_stream(&w, 3200, || async {

@@ -1,5 +1,7 @@
 //! Errors answered to clients, in Genesys' shape: `{"message","code","status"}`.
 
+use std::borrow::Cow;
+
 use http::StatusCode;
 use serde_json::json;
 
@@ -9,15 +11,19 @@ use crate::http_server::{Response, json};
 #[error("{status} {code}: {message}")]
 pub struct ClientError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub message: String,
 }
 
 impl ClientError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
         }
     }

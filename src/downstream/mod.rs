@@ -5,7 +5,7 @@
 
 pub mod error;
 pub mod sessions;
-mod socket;
+pub mod socket;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -161,19 +161,20 @@ impl Downstream {
             ));
         }
         let channel = self.sessions.create();
-        if let Err(error) = self
-            .sessions
+        // Whatever happens to this request from here on (an error, or the desktop
+        // going away mid-subscribe), the channel closes with it unless its socket
+        // takes it over.
+        let mut owner = CloseOnDrop {
+            sessions: self.sessions.clone(),
+            tasks: self.tasks.clone(),
+            id: Some(channel.id.clone()),
+        };
+        self.sessions
             .change(&channel, Change::Add(topics), false)
-            .await
-        {
-            self.sessions.close(&channel.id).await;
-            return Err(error);
-        }
-        let opened = self.open_socket(&mut req, channel.clone(), true);
-        if opened.is_err() {
-            self.sessions.close(&channel.id).await;
-        }
-        opened
+            .await?;
+        let response = self.open_socket(&mut req, channel, true)?;
+        owner.id = None;
+        Ok(response)
     }
 
     /// Upgrades to the client socket of `channel` (replacing any socket it has); an
@@ -202,7 +203,6 @@ impl Downstream {
             sessions: self.sessions.clone(),
             heartbeat: self.heartbeat,
             shutdown: self.shutdown.clone(),
-            tasks: self.tasks.clone(),
         };
         let sessions = self.sessions.clone();
         self.tasks.spawn(async move {
@@ -218,6 +218,31 @@ impl Downstream {
     }
 }
 
+/// Closes an ephemeral client channel when dropped, unless `id` was taken: a
+/// `/stream` upgrade abandoned at any point leaves nothing behind.
+struct CloseOnDrop {
+    sessions: Arc<Sessions>,
+    tasks: TaskTracker,
+    id: Option<String>,
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else {
+            return;
+        };
+        let sessions = self.sessions.clone();
+        // Closing waits for the channel's change in flight; it must outlive us. Without
+        // a runtime (it is being torn down) there is nothing left to give back.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(
+                self.tasks
+                    .track_future(async move { sessions.close(&id).await }),
+            );
+        }
+    }
+}
+
 fn method_not_allowed(method: &Method) -> ClientError {
     ClientError::new(
         StatusCode::METHOD_NOT_ALLOWED,
@@ -227,7 +252,7 @@ fn method_not_allowed(method: &Method) -> ClientError {
 }
 
 /// `[{"id":"topic"}, …]`.
-fn parse_topics(body: &Bytes) -> Result<Vec<String>, ClientError> {
+pub fn parse_topics(body: &Bytes) -> Result<Vec<String>, ClientError> {
     #[derive(Deserialize)]
     struct TopicRef {
         id: String,

@@ -2,6 +2,11 @@
 //! their subscriptions. A subscription change goes to the router (who wants what)
 //! and, on a topic's first or last subscriber, to the upstream pool; the answer
 //! waits until the new topics are live upstream.
+//!
+//! A change runs to completion as a task of its own, whoever waits for it: a desktop
+//! that reloads mid-request drops only the wait, and the topics the change added are
+//! owned by the client channel, which gives them back when it closes. Nothing a
+//! change takes from the router or the pool can be stranded by a dropped future.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,14 +17,17 @@ use dashmap::DashMap;
 use http::StatusCode;
 use serde::Serialize;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use super::error::ClientError;
 use crate::router::{Outbox, Router, SessionId};
-use crate::upstream::pool::{Pool, TopicOutcome};
+use crate::topic;
+use crate::upstream::pool::Pool;
+use crate::upstream::state::TopicOutcome;
 
-/// Genesys' limits for one channel, applied to client channels too.
+/// Genesys' limit for one channel (combined topics count their expansion), applied to
+/// client channels too.
 pub const MAX_TOPICS_PER_CLIENT: usize = 1000;
-pub const MAX_TOPIC_LEN: usize = 200;
 /// How long a client's subscription call may wait for its topics to go live.
 const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(60);
 /// A client channel's advertised lifetime (Genesys channels live 24 h).
@@ -84,6 +92,8 @@ pub struct Sessions {
     channels: DashMap<String, Arc<ClientChannel>>,
     router: Arc<Router>,
     pool: Arc<Pool>,
+    /// Subscription changes run here, so that they finish even if nobody waits.
+    tasks: TaskTracker,
     /// Serialises router and pool transitions, so that a topic's last unsubscribe and
     /// another client's first subscribe reach the pool in the order they happened.
     transitions: Mutex<()>,
@@ -91,11 +101,12 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(router: Arc<Router>, pool: Arc<Pool>) -> Self {
+    pub fn new(router: Arc<Router>, pool: Arc<Pool>, tasks: TaskTracker) -> Self {
         Self {
             channels: DashMap::new(),
             router,
             pool,
+            tasks,
             transitions: Mutex::new(()),
             next_session: AtomicU64::new(1),
         }
@@ -131,12 +142,16 @@ impl Sessions {
             .count()
     }
 
-    /// Drops a channel and its subscriptions (after any change in flight on it).
+    /// Drops a channel and its subscriptions (after any change in flight on it). If
+    /// this future is dropped while it waits for that change, nothing has happened yet.
     pub async fn close(&self, id: &str) {
-        let Some((_, channel)) = self.channels.remove(id) else {
+        let Some(channel) = self.get(id) else {
             return;
         };
         let _one_change = channel.changing.lock().await;
+        if self.channels.remove(id).is_none() {
+            return;
+        }
         let topics: Vec<String> =
             std::mem::take(&mut *channel.topics.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
@@ -162,8 +177,28 @@ impl Sessions {
 
     /// Applies a subscription change and answers once the new topics are live. A
     /// change that fails leaves the channel's topics as they were (as at Genesys):
-    /// topics leave only once the new ones are live.
+    /// topics leave only once the new ones are live. The change completes even if this
+    /// future is dropped.
     pub async fn change(
+        self: &Arc<Self>,
+        channel: &Arc<ClientChannel>,
+        change: Change,
+        ignore_errors: bool,
+    ) -> Result<Vec<TopicAnswer>, ClientError> {
+        let (sessions, channel) = (self.clone(), channel.clone());
+        let task = self
+            .tasks
+            .spawn(async move { sessions.apply(&channel, change, ignore_errors).await });
+        task.await.unwrap_or_else(|_| {
+            Err(ClientError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal.server.error",
+                "The subscription change failed",
+            ))
+        })
+    }
+
+    async fn apply(
         &self,
         channel: &Arc<ClientChannel>,
         change: Change,
@@ -171,21 +206,29 @@ impl Sessions {
     ) -> Result<Vec<TopicAnswer>, ClientError> {
         // One change at a time per channel: each is computed against the last.
         let _one_change = channel.changing.lock().await;
+        if self.get(&channel.id).is_none() {
+            return Err(ClientError::not_found(format!(
+                "Channel {} not found",
+                channel.id
+            )));
+        }
         let current = channel.topics();
         let mut next: BTreeSet<String> = match change {
             Change::Add(new) => current.iter().cloned().chain(new).collect(),
             Change::Replace(new) => new.into_iter().collect(),
             Change::RemoveAll => BTreeSet::new(),
         };
-        validate(&next)?;
         let added: Vec<String> = next.difference(&current).cloned().collect();
+        validate(&next, &added)?;
         let removed: Vec<String> = current.difference(&next).cloned().collect();
         let mut rejected = Vec::new();
         if !added.is_empty() {
             {
                 let _serial = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
                 let first = self.router.add(channel.session, &channel.outbox, &added);
-                self.pool.want(&first);
+                if !first.is_empty() {
+                    self.pool.want(&first);
+                }
             }
             let outcomes = self
                 .pool
@@ -224,15 +267,29 @@ impl Sessions {
             |want: &dyn Fn(&TopicOutcome) -> bool| outcomes.iter().filter(|(_, o)| want(o)).count();
         let no_capacity = failed(&|o| *o == TopicOutcome::NoCapacity);
         if no_capacity > 0 {
-            let config = self.pool.config.load();
+            let limits = self.pool.limits();
             return Some(ClientError::new(
                 StatusCode::BAD_REQUEST,
                 "notification.capacity.exceeded",
                 format!(
                     "The proxy has no upstream capacity for {no_capacity} more topic(s): at most {} channels of {} topics, \
                      one channel kept free for handovers",
-                    config.upstream.max_channels - 1,
-                    config.upstream.max_topics_per_channel
+                    limits.max_channels.saturating_sub(1),
+                    limits.max_topics
+                ),
+            ));
+        }
+        if let Some((topic, TopicOutcome::Refused(refusal))) = outcomes
+            .iter()
+            .find(|(_, o)| matches!(o, TopicOutcome::Refused(_)))
+        {
+            let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+            return Some(ClientError::new(
+                status,
+                refusal.code.clone(),
+                format!(
+                    "Genesys Cloud refused the subscription change that adds {topic} ({} {})",
+                    refusal.status, refusal.code
                 ),
             ));
         }
@@ -284,20 +341,17 @@ pub fn permitted(channel: &ClientChannel) -> Vec<TopicAnswer> {
         .collect()
 }
 
-fn validate(topics: &BTreeSet<String>) -> Result<(), ClientError> {
-    if topics.len() > MAX_TOPICS_PER_CLIENT {
-        return Err(ClientError::bad_request(format!(
-            "A channel may subscribe to at most {MAX_TOPICS_PER_CLIENT} topics ({} requested)",
-            topics.len()
-        )));
+/// Genesys' rules for one channel's subscriptions: at most 1000 topics (combined
+/// topics counted expanded), each a well-formed topic name.
+fn validate(topics: &BTreeSet<String>, added: &[String]) -> Result<(), ClientError> {
+    for name in added {
+        topic::check(name)
+            .map_err(|error| ClientError::bad_request(format!("Invalid topic: {error}")))?;
     }
-    if let Some(bad) = topics.iter().find(|t| {
-        t.is_empty() || t.chars().count() >= MAX_TOPIC_LEN || t.chars().any(char::is_control)
-    }) {
+    let weight: usize = topics.iter().map(|t| topic::weight(t)).sum();
+    if weight > MAX_TOPICS_PER_CLIENT {
         return Err(ClientError::bad_request(format!(
-            "Topic names must be 1 to {} printable characters: {:?}",
-            MAX_TOPIC_LEN - 1,
-            bad.chars().take(40).collect::<String>()
+            "A channel may subscribe to at most {MAX_TOPICS_PER_CLIENT} topics ({weight} requested)"
         )));
     }
     Ok(())

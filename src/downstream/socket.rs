@@ -1,9 +1,19 @@
 //! A client's WebSocket: upstream frames from its outbox, the proxy's own
 //! heartbeats, `{"message":"ping"}` → pong, and in-band `{"message":"subscribe"}`.
+//!
 //! The socket is read continuously, so RFC 6455 pings (some libraries send one a
-//! second and give up after a second without a pong) are always answered.
+//! second and give up after a second without a pong) are always answered. In-band
+//! subscribes are carried out one at a time, in order, as Genesys does; a client that
+//! queues more than [`MAX_QUEUED_SUBSCRIBES`] is not read until one finishes.
+//!
+//! Closes follow RFC 6455 both ways: a client's Close is answered with a Close before
+//! the connection ends, and a close the proxy starts (1000 replaced, 1001 shutting
+//! down, 1013 too slow) carries its code and reason and waits briefly for the
+//! client's answer, so that client libraries report that code, never 1006.
 
-use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,14 +33,68 @@ use crate::ws::ServerSocket;
 
 /// Most frames written before one flush, so that a burst costs few syscalls.
 const BATCH: usize = 64;
+/// In-band subscribes waiting behind the one in progress before the socket stops
+/// being read.
+pub const MAX_QUEUED_SUBSCRIBES: usize = 8;
+/// How long a close waits for the client's Close (and a slow client's writes).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct ClientSocket {
     pub channel: Arc<ClientChannel>,
     pub sessions: Arc<Sessions>,
     pub heartbeat: Duration,
     pub shutdown: CancellationToken,
-    pub tasks: tokio_util::task::TaskTracker,
 }
+
+/// A text frame from a client, as far as the proxy cares.
+#[derive(Debug, PartialEq)]
+pub enum InBand {
+    /// `{"message":"ping"}`: answered with a pong.
+    Ping,
+    /// `{"message":"subscribe","topics":[…],"correlationId":…}`.
+    Subscribe {
+        topics: Option<Vec<String>>,
+        correlation_id: Value,
+    },
+    /// Anything else is ignored, as Genesys ignores it.
+    Other,
+}
+
+/// Reads a client's text frame.
+pub fn in_band(text: &str) -> InBand {
+    if frame::is_ping(text) {
+        return InBand::Ping;
+    }
+    #[derive(Deserialize)]
+    struct Request {
+        message: String,
+        topics: Option<Value>,
+        #[serde(rename = "correlationId")]
+        correlation_id: Option<Value>,
+    }
+    match serde_json::from_str::<Request>(text) {
+        Ok(request) if request.message == "subscribe" => InBand::Subscribe {
+            // Topics that are not a list of names count as missing (answered 400).
+            topics: request
+                .topics
+                .and_then(|topics| serde_json::from_value(topics).ok()),
+            correlation_id: request.correlation_id.unwrap_or(Value::Null),
+        },
+        _ => InBand::Other,
+    }
+}
+
+/// How the serve loop ended.
+enum End {
+    /// The client sent a Close: answer it.
+    ClosedByClient,
+    /// The connection is gone (or failed): nothing more can be said.
+    Gone,
+    /// The proxy closes, with this code and reason.
+    Close(CloseCode, &'static str),
+}
+
+type Answer = Pin<Box<dyn Future<Output = Utf8Bytes> + Send>>;
 
 impl ClientSocket {
     pub async fn serve(
@@ -43,91 +107,111 @@ impl ClientSocket {
         let mut heartbeats =
             tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let close = loop {
+        let mut queued: VecDeque<(Option<Vec<String>>, Value)> = VecDeque::new();
+        let mut in_progress: Option<Answer> = None;
+        let end = loop {
+            if in_progress.is_none()
+                && let Some((topics, correlation_id)) = queued.pop_front()
+            {
+                in_progress = Some(Box::pin(self.subscribe(topics, correlation_id)));
+            }
+            let reading = queued.len() < MAX_QUEUED_SUBSCRIBES;
             tokio::select! {
-                queued = outbox.recv() => {
-                    let Some(first) = queued else {
+                queued_frame = outbox.recv() => {
+                    let Some(first) = queued_frame else {
                         break if self.channel.outbox.replaced(generation) {
-                            Some((CloseCode::Normal, "replaced by a newer connection"))
+                            End::Close(CloseCode::Normal, "replaced by a newer connection")
                         } else {
-                            Some((CloseCode::Again, "client too slow: reconnect"))
+                            End::Close(CloseCode::Again, "client too slow: reconnect")
                         };
                     };
                     if write_batch(&mut socket, first, &mut outbox).await.is_err() {
-                        break None;
+                        break End::Gone;
                     }
                 }
-                message = socket.next() => match message {
-                    Some(Ok(Message::Text(text))) => {
-                        if frame::is_ping(&text) {
+                message = socket.next(), if reading => match message {
+                    Some(Ok(Message::Text(text))) => match in_band(&text) {
+                        InBand::Ping => {
                             if socket.send(Message::text(frame::PONG)).await.is_err() {
-                                break None;
+                                break End::Gone;
                             }
-                        } else {
-                            self.in_band(&text);
                         }
-                    }
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break None,
+                        InBand::Subscribe { topics, correlation_id } => {
+                            queued.push_back((topics, correlation_id));
+                        }
+                        InBand::Other => {}
+                    },
+                    Some(Ok(Message::Close(_))) => break End::ClosedByClient,
+                    Some(Err(_)) | None => break End::Gone,
                     Some(Ok(_)) => {}
                 },
-                _ = heartbeats.tick() => {
-                    if socket.send(Message::text(frame::HEARTBEAT)).await.is_err() {
-                        break None;
+                answer = async { in_progress.as_mut().expect("guarded").await }, if in_progress.is_some() => {
+                    in_progress = None;
+                    if socket.send(Message::Text(answer)).await.is_err() {
+                        break End::Gone;
                     }
                 }
-                _ = self.shutdown.cancelled() => break Some((CloseCode::Away, "proxy shutting down")),
+                _ = heartbeats.tick() => {
+                    if socket.send(Message::text(frame::HEARTBEAT)).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                _ = self.shutdown.cancelled() => break End::Close(CloseCode::Away, "proxy shutting down"),
             }
         };
-        if let Some((code, reason)) = close {
-            let _ = socket
-                .close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                }))
-                .await;
-        }
+        close(&mut socket, end).await;
         self.channel.outbox.detach(generation);
         self.channel.socket_closed();
     }
 
-    /// `{"message":"subscribe","topics":[…],"correlationId":…}`: subscribes the
-    /// channel to those topics (in the background, so the socket keeps being read)
-    /// and answers on the socket.
-    fn in_band(&self, text: &str) {
-        #[derive(Deserialize)]
-        struct Request<'a> {
-            #[serde(borrow)]
-            message: Cow<'a, str>,
-            topics: Option<Vec<String>>,
-            #[serde(rename = "correlationId")]
-            correlation_id: Option<Value>,
-        }
-        let Ok(request) = serde_json::from_str::<Request>(text) else {
-            return;
-        };
-        if request.message != "subscribe" {
-            return;
-        }
-        let correlation_id = request.correlation_id.unwrap_or(Value::Null);
-        let channel = self.channel.clone();
-        let sessions = self.sessions.clone();
-        self.tasks.spawn(async move {
-            let answer = match request.topics.filter(|t| !t.is_empty()) {
+    /// Carries out one in-band subscribe and builds its answer. The change itself
+    /// completes even if the socket goes away meanwhile (see `Sessions::change`).
+    fn subscribe(&self, topics: Option<Vec<String>>, correlation_id: Value) -> Answer {
+        let (sessions, channel) = (self.sessions.clone(), self.channel.clone());
+        Box::pin(async move {
+            let answer = match topics.filter(|t| !t.is_empty()) {
                 None => json!({
                     "correlationId": correlation_id, "result": "400", "status": "error",
                     "message": "Required data missing from subscribe request."
                 }),
                 Some(topics) => match sessions.change(&channel, Change::Add(topics), false).await {
-                    Ok(_) => json!({"correlationId": correlation_id, "result": "200", "status": "subscribed"}),
+                    Ok(_) => {
+                        json!({"correlationId": correlation_id, "result": "200", "status": "subscribed"})
+                    }
                     Err(error) => json!({
                         "correlationId": correlation_id, "result": error.status.as_str(), "status": "error",
                         "message": error.message
                     }),
                 },
             };
-            channel.outbox.send(&Utf8Bytes::from(answer.to_string()));
-        });
+            Utf8Bytes::from(answer.to_string())
+        })
     }
+}
+
+/// Ends the connection the RFC 6455 way: answers a client's Close, or sends the
+/// proxy's own and waits (briefly) for the client's answer before the TCP close.
+async fn close(socket: &mut ServerSocket, end: End) {
+    let handshake = async {
+        match end {
+            // tungstenite queued the answering Close on reading the client's; this
+            // sends it.
+            End::ClosedByClient => {
+                let _ = socket.close(None).await;
+            }
+            End::Gone => {}
+            End::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.into(),
+                };
+                if socket.close(Some(frame)).await.is_ok() {
+                    while let Some(Ok(_)) = socket.next().await {}
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }
 
 async fn write_batch(
@@ -143,4 +227,36 @@ async fn write_batch(
         }
     }
     socket.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_frames_are_classified() {
+        assert_eq!(in_band(r#"{"message":"ping"}"#), InBand::Ping);
+        assert_eq!(
+            in_band(r#"{"message":"subscribe","topics":["v2.a"],"correlationId":"c"}"#),
+            InBand::Subscribe {
+                topics: Some(vec!["v2.a".into()]),
+                correlation_id: json!("c")
+            }
+        );
+        assert_eq!(
+            in_band(r#"{"message":"subscribe"}"#),
+            InBand::Subscribe {
+                topics: None,
+                correlation_id: Value::Null
+            }
+        );
+        assert_eq!(
+            in_band(r#"{"message":"subscribe","topics":"x","correlationId":7}"#),
+            InBand::Subscribe {
+                topics: None,
+                correlation_id: json!(7)
+            }
+        );
+        assert_eq!(in_band("not json"), InBand::Other);
+    }
 }

@@ -3,26 +3,37 @@
 //! 1. take a budget slot (waiting if a handover holds the spare);
 //! 2. mint a token of its own (the channel is pinned to it: every REST call for the
 //!    channel uses it), create the channel, open the socket, confirm it with
-//!    ping/pong, subscribe the desired topics;
+//!    ping/pong, subscribe the wanted topics;
 //! 3. go live: a successor replaces its predecessor, which retires;
 //! 4. stream: route events, keep subscriptions in sync (paced under the per-token
-//!    rate limit, coalescing every change that arrives meanwhile), watch heartbeats,
-//!    and hand over before the token or the channel expires, on a maintenance
-//!    warning, or when its credential drains;
+//!    rate limit, coalescing every change that arrives meanwhile), keep an idle token
+//!    active, watch heartbeats, and hand over before the token or the channel expires,
+//!    on a maintenance warning, or when its credential drains;
 //! 5. retire: keep streaming for the overlap, close, retire the token (which ends
 //!    the channel upstream) and give the slot back.
+//!
+//! However the task ends, a panic included, the channel's topics move on and its slot
+//! is given back once the channel is gone upstream (see [`EndGuard`]).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::genesys::{CreatedChannel, UpstreamError, UpstreamSocket};
-use super::pool::{ChannelKey, Pool, Role};
-use crate::auth::{Backoff, Token};
+use super::Delivery;
+use super::genesys::{CreatedChannel, Genesys, UpstreamError, UpstreamSocket};
+use super::pool::{Pool, Report, Spawner};
+use super::state::{ChannelKey, HandoverReason, Role};
+use super::sync::{Plan, Subscriptions, Verdict};
+use crate::auth::{Backoff, Token, TokenSource};
+use crate::bounds;
+use crate::config::Config;
 use crate::frame::{self, UpstreamFrame};
 
 /// How long the first pong may take on a new socket.
@@ -31,101 +42,211 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// which keeps well inside Genesys' 300 requests per minute per token.
 const PACE_BURST: f64 = 10.0;
 const PACE_PER_SEC: f64 = 4.0;
+/// An idle token is touched this long before it would idle at the latest.
+const KEEPALIVE_MIN: Duration = Duration::from_secs(1);
+/// How soon a failed idle-clock query is tried again.
+const KEEPALIVE_RETRY: Duration = Duration::from_secs(10);
 
-pub(super) async fn drive(pool: Arc<Pool>, key: ChannelKey) {
-    if !pool.acquire_slot(key).await {
-        pool.remove(key);
-        return;
+/// What every channel task shares.
+pub struct Parts {
+    pub genesys: Arc<Genesys>,
+    pub tokens: Arc<TokenSource>,
+    pub delivery: Arc<dyn Delivery>,
+    pub config: Arc<ArcSwap<Config>>,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+    lead_clamp_warned: AtomicBool,
+}
+
+impl Parts {
+    pub fn new(
+        genesys: Arc<Genesys>,
+        tokens: Arc<TokenSource>,
+        delivery: Arc<dyn Delivery>,
+        config: Arc<ArcSwap<Config>>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            genesys,
+            tokens,
+            delivery,
+            config,
+            tasks,
+            shutdown,
+            lead_clamp_warned: AtomicBool::new(false),
+        })
     }
-    let Some(mut live) = establish(&pool, key).await else {
-        pool.free_slot(key);
-        pool.remove(key);
-        return;
-    };
-    pool.went_live(key);
-    let ending = live.stream(&pool, key).await;
-    live.finish(&pool, key, ending).await;
-}
 
-/// A channel with its socket open.
-struct Live {
-    token: Token,
-    channel: CreatedChannel,
-    socket: UpstreamSocket,
-    applied: BTreeSet<String>,
-    /// The generation of the pool's desired topics that `applied` matches.
-    applied_generation: u64,
-    last_frame: Instant,
-    pace: Pace,
-}
-
-enum Ending {
-    /// Replaced by a successor.
-    Retired {
-        at_once: bool,
-    },
-    /// The socket died; `gone` if Genesys said the channel is dead.
-    Lost {
-        gone: bool,
-    },
-    Shutdown,
-}
-
-async fn establish(pool: &Arc<Pool>, key: ChannelKey) -> Option<Live> {
-    let mut backoff = Backoff::new();
-    loop {
-        pool.role(key)?;
-        let token = pool.tokens.mint_until_success(&pool.shutdown).await?;
-        let error = match open(pool, key, &token).await {
-            Ok((channel, socket)) => {
-                let mut live = Live {
-                    token,
-                    channel,
-                    socket,
-                    applied: BTreeSet::new(),
-                    applied_generation: 0,
-                    last_frame: Instant::now(),
-                    pace: Pace::new(),
-                };
-                pool.socket_state(key, &live.token.credential, true);
-                match live.sync(pool, key).await {
-                    Ok(()) => return Some(live),
-                    Err(error) => {
-                        pool.socket_state(key, &live.token.credential, false);
-                        let _ = live.socket.close(None).await;
-                        retire_token(pool, &live.token).await;
-                        error
-                    }
-                }
+    /// The lead actually used for a token of `lifetime`: at most half of it.
+    fn lead_for(&self, lifetime: Duration) -> Duration {
+        let lead = self.config.load().handover.lead;
+        let half = lifetime / 2;
+        if lead > half {
+            if !self.lead_clamp_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    lead = %humantime::format_duration(lead),
+                    token_lifetime = %humantime::format_duration(lifetime),
+                    "handover.lead is longer than half the token lifetime: using half of it"
+                );
             }
-            Err(error) => {
-                tracing::warn!(%error, credential = %token.credential, "could not open an upstream channel");
-                retire_token(pool, &token).await;
-                error
-            }
-        };
-        let wait = error
-            .retry_after()
-            .unwrap_or_default()
-            .max(backoff.next_wait());
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = pool.shutdown.cancelled() => return None,
+            half
+        } else {
+            lead
         }
     }
 }
 
-/// Creates the channel with `token` and opens and confirms its socket.
-async fn open(
-    pool: &Pool,
+/// The pool's spawner: every channel runs as a tracked task driven by [`drive`].
+pub fn spawner(parts: Arc<Parts>) -> Spawner {
+    Box::new(move |pool, key| {
+        let task = Task {
+            pool: pool.clone(),
+            parts: parts.clone(),
+            key,
+        };
+        parts.tasks.spawn(task.drive());
+    })
+}
+
+/// One channel task.
+struct Task {
+    pool: Arc<Pool>,
+    parts: Arc<Parts>,
     key: ChannelKey,
-    token: &Token,
-) -> Result<(CreatedChannel, UpstreamSocket), UpstreamError> {
-    let channel = pool.genesys.create_channel(&token.value).await?;
-    let mut socket = pool.genesys.connect(&channel.connect_uri).await?;
-    confirm(&mut socket).await?;
-    tracing::info!(channel = key, credential = %token.credential, "upstream channel open");
-    Ok((channel, socket))
+}
+
+/// Makes a channel task that panics end like one whose socket was lost: its topics go
+/// to a new channel (clients hear of the gap), its token is retired (which ends the
+/// channel upstream), and only then is its budget slot given back.
+///
+/// A tracked task's future is dropped unfinished only when the runtime itself goes
+/// away, and then there is nothing left to recover; a panic is the abnormal end that
+/// matters, so only a drop while panicking does anything.
+struct EndGuard {
+    pool: Arc<Pool>,
+    parts: Arc<Parts>,
+    key: ChannelKey,
+    /// The token the channel holds, if any: it must be retired.
+    token: Option<Token>,
+    armed: bool,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if !self.armed || !std::thread::panicking() {
+            return;
+        }
+        tracing::error!(
+            channel = format!("ch-{}", self.key),
+            "upstream channel task panicked: its topics move to a new channel"
+        );
+        let key = self.key;
+        self.pool.report(key, Report::SocketClosed);
+        self.pool.report(
+            key,
+            Report::Lost {
+                since: SystemTime::now(),
+            },
+        );
+        let (pool, parts, token) = (self.pool.clone(), self.parts.clone(), self.token.take());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(self.parts.tasks.track_future(async move {
+                if let Some(token) = token {
+                    retire_token(&parts, &token).await;
+                }
+                pool.gone(key);
+            }));
+        }
+    }
+}
+
+impl Task {
+    async fn drive(self) {
+        let mut guard = EndGuard {
+            pool: self.pool.clone(),
+            parts: self.parts.clone(),
+            key: self.key,
+            token: None,
+            armed: true,
+        };
+        if self.pool.acquire_slot(self.key).await
+            && let Some(mut live) = self.establish(&mut guard).await
+        {
+            self.pool.report(self.key, Report::WentLive);
+            if self.parts.tokens.is_draining(&live.token.credential) {
+                self.pool
+                    .report(self.key, Report::HandoverDue(HandoverReason::Drain));
+            }
+            let ending = live.stream(&self).await;
+            live.finish(&self, ending).await;
+        }
+        guard.armed = false;
+        self.pool.gone(self.key);
+    }
+
+    /// Mints, creates and opens the channel, and subscribes the topics already
+    /// delivered; retries (with back-off) until it succeeds, the channel is no longer
+    /// wanted, or the proxy shuts down.
+    async fn establish(&self, guard: &mut EndGuard) -> Option<Live> {
+        let parts = &self.parts;
+        let mut backoff = Backoff::new();
+        loop {
+            let (assignment, _) = self.pool.assignment(self.key)?;
+            if assignment.retire.is_some() {
+                return None;
+            }
+            let token = parts.tokens.mint_until_success(&parts.shutdown).await?;
+            guard.token = Some(token.clone());
+            let failure = match self.open(&token).await {
+                Ok((channel, socket)) => {
+                    let mut live = Live::new(token.clone(), channel, socket);
+                    self.pool.report(
+                        self.key,
+                        Report::SocketOpened {
+                            credential: &token.credential,
+                        },
+                    );
+                    match live.subscribe_delivered(self).await {
+                        Ok(()) => return Some(live),
+                        Err(error) => {
+                            self.pool.report(self.key, Report::SocketClosed);
+                            let _ = live.socket.close(None).await;
+                            error
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, credential = %token.credential, "could not open an upstream channel");
+                    Some(error)
+                }
+            };
+            // The channel, if it was created, ends with its token.
+            retire_token(parts, &token).await;
+            guard.token = None;
+            // No failure: the channel is no longer wanted, or the proxy shuts down.
+            failure.as_ref()?;
+            let wait = failure
+                .as_ref()
+                .and_then(UpstreamError::retry_after)
+                .unwrap_or_default()
+                .max(backoff.next_wait());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = parts.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Creates the channel with `token` and opens and confirms its socket.
+    async fn open(&self, token: &Token) -> Result<(CreatedChannel, UpstreamSocket), UpstreamError> {
+        let genesys = &self.parts.genesys;
+        let channel = genesys.create_channel(&token.value).await?;
+        let mut socket = genesys.connect(&channel.connect_uri).await?;
+        confirm(&mut socket).await?;
+        tracing::info!(channel = format!("ch-{}", self.key), credential = %token.credential, "upstream channel open");
+        Ok((channel, socket))
+    }
 }
 
 /// Sends `{"message":"ping"}` and waits for the pong: the socket is really live.
@@ -134,7 +255,7 @@ async fn confirm(socket: &mut UpstreamSocket) -> Result<(), UpstreamError> {
         .send(Message::text(frame::PING))
         .await
         .map_err(|_| UpstreamError::Unavailable("socket closed before the first ping".into()))?;
-    let until = Instant::now() + CONFIRM_TIMEOUT;
+    let until = bounds::after(CONFIRM_TIMEOUT);
     loop {
         match tokio::time::timeout_at(until, socket.next()).await {
             Ok(Some(Ok(Message::Text(text)))) if frame::classify(&text) == UpstreamFrame::Pong => {
@@ -155,74 +276,257 @@ async fn confirm(socket: &mut UpstreamSocket) -> Result<(), UpstreamError> {
     }
 }
 
+/// A channel with its socket open.
+struct Live {
+    token: Token,
+    channel: CreatedChannel,
+    socket: UpstreamSocket,
+    subscriptions: Subscriptions,
+    /// The generation of the pool's wanted topics last planned for.
+    planned_generation: u64,
+    last_frame: Instant,
+    pace: Pace,
+    /// Back-off for retried refusals and failed calls.
+    backoff: Backoff,
+    /// When to touch the token so that an org's idle-token timeout never ends it.
+    keepalive_at: Option<Instant>,
+    /// Whether it went live (a channel still being built never asks to hand over).
+    live: bool,
+}
+
+enum Ending {
+    /// Replaced by a successor, or idle.
+    Retired {
+        at_once: bool,
+    },
+    /// The socket died; `gone` if Genesys said the channel is dead.
+    Lost {
+        gone: bool,
+    },
+    Shutdown,
+}
+
+/// What one subscription sync came to.
+enum Synced {
+    /// Genesys holds what the pool wants (or nothing needed sending).
+    Done,
+    /// Try again: at once (isolating batches) or after the pace's deferral.
+    Again,
+    /// The channel is gone upstream (401, 404).
+    Dead(UpstreamError),
+}
+
 impl Live {
-    /// Makes the upstream subscriptions match the pool's desired topics.
-    async fn sync(&mut self, pool: &Pool, key: ChannelKey) -> Result<(), UpstreamError> {
-        let (desired, generation) = pool.desired(key);
-        if desired == self.applied {
-            self.applied_generation = generation;
-            pool.synced(key, &self.applied, &BTreeSet::new());
-            return Ok(());
+    fn new(token: Token, channel: CreatedChannel, socket: UpstreamSocket) -> Self {
+        Self {
+            token,
+            channel,
+            socket,
+            subscriptions: Subscriptions::default(),
+            planned_generation: 0,
+            last_frame: Instant::now(),
+            pace: Pace::new(),
+            backoff: Backoff::new(),
+            // Learn at once whether the org ends idle tokens.
+            keepalive_at: Some(Instant::now()),
+            live: false,
         }
-        match pool
-            .genesys
-            .replace_subscriptions(&self.token.value, &self.channel.id, &desired)
-            .await
-        {
-            Ok(rejected) => {
-                self.applied = desired.difference(&rejected).cloned().collect();
-                self.applied_generation = generation;
-                pool.synced(key, &self.applied, &rejected);
-                Ok(())
+    }
+
+    /// Syncs until every topic already delivered to clients is subscribed here (so a
+    /// successor may take over), and at least once. `Err(None)` if the channel is no
+    /// longer wanted or the proxy shuts down.
+    async fn subscribe_delivered(&mut self, task: &Task) -> Result<(), Option<UpstreamError>> {
+        loop {
+            let Some((assignment, _)) = task.pool.assignment(task.key) else {
+                return Err(None);
+            };
+            if assignment.retire.is_some() {
+                return Err(None);
             }
-            Err(error) => {
-                tracing::warn!(%error, channel = key, "subscription update failed");
-                self.pace
-                    .defer(error.retry_after().unwrap_or(Duration::from_secs(1)));
-                Err(error)
+            let carried = self.subscriptions.carries(&assignment.topics);
+            match self.sync(task).await {
+                Synced::Done => return Ok(()),
+                Synced::Dead(error) => return Err(Some(error)),
+                Synced::Again if carried => return Ok(()),
+                Synced::Again => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(self.pace.next_at()) => {}
+                        _ = task.parts.shutdown.cancelled() => return Err(None),
+                    }
+                }
             }
         }
     }
 
-    /// Whether the pool wants other topics than those subscribed (a successor that
-    /// is still being built does not sync; it subscribes when it opens).
-    fn needs_sync(&self, pool: &Pool, key: ChannelKey) -> bool {
-        matches!(pool.role(key), Some(Role::Serving | Role::Successor { .. }))
-            && pool.desired_generation(key) != self.applied_generation
+    /// Sends the next subscription list the pool's wanted topics call for, if the pace
+    /// allows, and reports the result.
+    async fn sync(&mut self, task: &Task) -> Synced {
+        let Some((assignment, _)) = task.pool.assignment(task.key) else {
+            return Synced::Done;
+        };
+        self.planned_generation = assignment.generation;
+        // A channel handing over or retiring keeps what it has until it closes.
+        if !matches!(assignment.role, Role::Serving | Role::Successor { .. }) {
+            return Synced::Done;
+        }
+        let Some(plan) = self.subscriptions.plan(&assignment.topics) else {
+            let none = Default::default();
+            task.pool.report(
+                task.key,
+                Report::Synced {
+                    applied: self.subscriptions.applied(),
+                    rejected: &none,
+                },
+            );
+            return Synced::Done;
+        };
+        if !self.pace.take() {
+            return Synced::Again;
+        }
+        let result = task
+            .parts
+            .genesys
+            .replace_subscriptions(&self.token.value, &self.channel.id, &plan.target)
+            .await;
+        self.judge(task, plan, result)
+    }
+
+    fn judge(
+        &mut self,
+        task: &Task,
+        plan: Plan,
+        result: Result<std::collections::BTreeSet<String>, UpstreamError>,
+    ) -> Synced {
+        let channel = format!("ch-{}", task.key);
+        match result {
+            Ok(rejected) => {
+                self.subscriptions.accepted(plan, &rejected);
+                self.backoff = Backoff::new();
+                task.pool.report(
+                    task.key,
+                    Report::Synced {
+                        applied: self.subscriptions.applied(),
+                        rejected: &rejected,
+                    },
+                );
+                // More may be wanted than was sent (isolated batches, later changes).
+                Synced::Again
+            }
+            Err(error @ (UpstreamError::Unauthorized | UpstreamError::NotFound)) => {
+                Synced::Dead(error)
+            }
+            Err(error) => {
+                if let Some(refusal) = error.refusal() {
+                    match self.subscriptions.refused(&plan) {
+                        Verdict::Refuse(topics) => {
+                            tracing::warn!(%error, channel, topics = topics.len(), "Genesys refused a subscription change: refusing its new topics");
+                            task.pool.report(
+                                task.key,
+                                Report::Refused {
+                                    topics: &topics,
+                                    refusal,
+                                },
+                            );
+                            return Synced::Again;
+                        }
+                        Verdict::Isolate => {
+                            tracing::warn!(%error, channel, "Genesys refused a subscription change: sending its batches one at a time");
+                            return Synced::Again;
+                        }
+                        Verdict::Resync if self.live => {
+                            tracing::warn!(%error, channel, "Genesys keeps refusing this channel's subscriptions: handing over to a fresh channel");
+                            task.pool
+                                .report(task.key, Report::HandoverDue(HandoverReason::Resync));
+                        }
+                        Verdict::Resync | Verdict::Retry => {
+                            tracing::warn!(%error, channel, "Genesys refused a subscription change that adds nothing: retrying");
+                        }
+                    }
+                } else {
+                    tracing::warn!(%error, channel, "subscription update failed");
+                }
+                let wait = error
+                    .retry_after()
+                    .unwrap_or_default()
+                    .max(self.backoff.next_wait());
+                self.pace.defer(wait);
+                Synced::Again
+            }
+        }
+    }
+
+    /// Whether the pool wants other topics than those planned for (a channel being
+    /// handed over, or retiring, no longer syncs).
+    fn needs_sync(&self, task: &Task) -> bool {
+        task.pool.generation(task.key) != self.planned_generation
     }
 
     /// When this channel should hand over: before its token or the channel expires,
     /// jittered so that channels do not move in lockstep.
-    fn handover_at(&self, pool: &Pool) -> Instant {
-        let lead = pool.lead_for(self.token.lifetime);
+    fn handover_at(&self, parts: &Parts) -> Instant {
+        let lead = parts.lead_for(self.token.lifetime);
         let jitter = lead.mul_f64(rand::random_range(0.0..=0.25));
         let channel_expiry = self
             .channel
             .expires
             .and_then(|e| e.duration_since(SystemTime::now()).ok())
-            .map(|left| Instant::now() + left)
+            .map(bounds::after)
             .unwrap_or(self.token.expires_at);
         let expiry = self.token.expires_at.min(channel_expiry);
         expiry
-            .checked_sub(lead + jitter)
+            .checked_sub(lead.saturating_add(jitter))
             .unwrap_or_else(Instant::now)
     }
 
-    async fn stream(&mut self, pool: &Arc<Pool>, key: ChannelKey) -> Ending {
-        let Some(wake) = pool.wake_of(key) else {
+    /// Touches the token (`GET /api/v2/tokens/me`) and schedules the next touch at half
+    /// the time it has left before it idles, if the org ends idle tokens at all. One
+    /// call per half idle period costs less of the 300 requests a minute than a
+    /// handover (about four calls), so the channel keeps its token rather than hand
+    /// over before it idles.
+    async fn keep_token_active(&mut self, parts: &Parts) -> Result<(), UpstreamError> {
+        match parts.genesys.token_idles_at(&self.token.value, false).await {
+            Ok(Some(idles_at)) => {
+                let left = idles_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                self.keepalive_at = Some(bounds::after((left / 2).max(KEEPALIVE_MIN)));
+                Ok(())
+            }
+            Ok(None) => {
+                self.keepalive_at = None;
+                Ok(())
+            }
+            Err(UpstreamError::Unauthorized) => Err(UpstreamError::Unauthorized),
+            Err(error @ (UpstreamError::Refused { .. } | UpstreamError::NotFound)) => {
+                tracing::info!(%error, "the token's idle clock cannot be read: not keeping it active");
+                self.keepalive_at = None;
+                Ok(())
+            }
+            Err(error) => {
+                tracing::debug!(%error, "could not read the token's idle clock: trying again");
+                self.keepalive_at = Some(bounds::after(KEEPALIVE_RETRY));
+                Ok(())
+            }
+        }
+    }
+
+    async fn stream(&mut self, task: &Task) -> Ending {
+        let (pool, parts, key) = (&task.pool, &task.parts, task.key);
+        let Some((_, wake)) = pool.assignment(key) else {
             return Ending::Shutdown;
         };
-        let heartbeat = pool.config.load().upstream.heartbeat;
+        self.live = true;
+        let heartbeat = parts.config.load().upstream.heartbeat;
         // Per frame, only `last_frame` is updated: the silence watch looks at it a few
         // times per heartbeat interval, and the pool is consulted only when it wakes us.
         let mut silence_watch = tokio::time::interval(heartbeat / 4);
         silence_watch.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let handover = tokio::time::sleep_until(self.handover_at(pool));
+        let handover = tokio::time::sleep_until(self.handover_at(parts));
         tokio::pin!(handover);
         let mut handover_armed = true;
         let mut pinged = false;
-        let mut idle_since = None;
-        let mut dirty = self.needs_sync(pool, key);
+        let mut dirty = self.needs_sync(task);
         loop {
             let sync_at = dirty.then(|| self.pace.next_at());
             tokio::select! {
@@ -232,16 +536,16 @@ impl Live {
                         pinged = false;
                         match frame::classify(&text) {
                             UpstreamFrame::Event { topic, correlation_id } => {
-                                pool.router.route(&topic, correlation_id.as_deref(), &text);
+                                parts.delivery.event(&topic, correlation_id.as_deref(), &text);
                             }
                             UpstreamFrame::SocketClosing => {
-                                tracing::info!(channel = key, "maintenance warning: handing over");
-                                pool.request_handover(key);
+                                tracing::info!(channel = format!("ch-{key}"), "maintenance warning: handing over");
+                                pool.report(key, Report::HandoverDue(HandoverReason::Maintenance));
                             }
                             UpstreamFrame::ChannelLost => return Ending::Lost { gone: true },
                             UpstreamFrame::Heartbeat | UpstreamFrame::Pong | UpstreamFrame::Internal => {}
                             UpstreamFrame::Unreadable => {
-                                tracing::debug!(channel = key, "unreadable upstream frame ignored");
+                                tracing::debug!(channel = format!("ch-{key}"), "unreadable upstream frame ignored");
                             }
                         }
                     }
@@ -249,38 +553,41 @@ impl Live {
                     Some(Ok(_)) => self.last_frame = Instant::now(),
                 },
                 _ = wake.notified() => {
-                    if let Some(at_once) = pool.retiring(key) {
+                    #[cfg(feature = "test-util")]
+                    if pool.take_injected_panic(key) {
+                        panic!("test-util: injected panic in channel task ch-{key}");
+                    }
+                    if let Some((assignment, _)) = pool.assignment(key)
+                        && let Some(at_once) = assignment.retire
+                    {
                         return Ending::Retired { at_once };
                     }
-                    if pool.handover_due(key) {
-                        pool.begin_handover(key);
-                    }
-                    dirty = self.needs_sync(pool, key);
+                    dirty = self.needs_sync(task);
                 }
                 _ = &mut handover, if handover_armed => {
                     handover_armed = false;
-                    pool.request_handover(key);
+                    pool.report(key, Report::HandoverDue(HandoverReason::Expiry));
                 }
                 _ = sleep_until_some(sync_at) => {
-                    if self.pace.take() && matches!(self.sync(pool, key).await, Err(UpstreamError::Unauthorized)) {
+                    dirty = match self.sync(task).await {
+                        Synced::Done => false,
+                        Synced::Again => true,
+                        Synced::Dead(_) => return Ending::Lost { gone: true },
+                    };
+                }
+                _ = sleep_until_some(self.keepalive_at) => {
+                    if self.keep_token_active(parts).await.is_err() {
                         return Ending::Lost { gone: true };
                     }
-                    dirty = self.needs_sync(pool, key);
                 }
                 _ = silence_watch.tick() => {
-                    match (pool.is_idle(key), idle_since) {
-                        (false, _) => idle_since = None,
-                        (true, None) => idle_since = Some(Instant::now()),
-                        (true, Some(since)) => {
-                            if since.elapsed() >= pool.idle_channel_timeout() && pool.retire_idle(key) {
-                                tracing::info!(channel = key, "upstream channel idle: retiring it");
-                                return Ending::Retired { at_once: true };
-                            }
-                        }
+                    if pool.idle_check(key) {
+                        tracing::info!(channel = format!("ch-{key}"), "upstream channel idle: retiring it");
+                        return Ending::Retired { at_once: true };
                     }
                     let silent = self.last_frame.elapsed();
                     if pinged && silent >= heartbeat * 2 {
-                        tracing::warn!(channel = key, "upstream socket silent after a ping: rebuilding");
+                        tracing::warn!(channel = format!("ch-{key}"), "upstream socket silent after a ping: rebuilding");
                         return Ending::Lost { gone: false };
                     }
                     if !pinged && silent >= heartbeat {
@@ -290,51 +597,52 @@ impl Live {
                         }
                     }
                 }
-                _ = pool.shutdown.cancelled() => return Ending::Shutdown,
+                _ = parts.shutdown.cancelled() => return Ending::Shutdown,
             }
         }
     }
 
-    async fn finish(mut self, pool: &Arc<Pool>, key: ChannelKey, ending: Ending) {
-        let credential = self.token.credential.clone();
+    async fn finish(mut self, task: &Task, ending: Ending) {
+        let (pool, parts, key) = (&task.pool, &task.parts, task.key);
         match ending {
             Ending::Retired { at_once } => {
                 if !at_once {
-                    self.overlap(pool).await;
+                    self.overlap(task).await;
                 }
                 let _ = self.socket.close(None).await;
                 // Retire first, report closed after: once an operator sees a drained
                 // credential at 0 channels, none of its tokens is in use any more.
-                retire_token(pool, &self.token).await;
-                pool.socket_state(key, &credential, false);
+                retire_token(parts, &self.token).await;
+                pool.report(key, Report::SocketClosed);
             }
             Ending::Lost { gone } => {
-                let since = SystemTime::now() - self.last_frame.elapsed();
-                pool.lost(key, since);
-                pool.socket_state(key, &credential, false);
+                let since = SystemTime::now()
+                    .checked_sub(self.last_frame.elapsed())
+                    .unwrap_or_else(SystemTime::now);
+                pool.report(key, Report::SocketClosed);
+                pool.report(key, Report::Lost { since });
                 if !gone {
-                    retire_token(pool, &self.token).await;
+                    retire_token(parts, &self.token).await;
                 }
             }
             Ending::Shutdown => {
                 let _ = self.socket.close(None).await;
-                retire_token(pool, &self.token).await;
-                pool.socket_state(key, &credential, false);
+                retire_token(parts, &self.token).await;
+                pool.report(key, Report::SocketClosed);
             }
         }
-        pool.free_slot(key);
-        pool.remove(key);
     }
 
     /// Keeps routing events for the overlap after the switch, so that nothing in
     /// flight on the old socket is lost.
-    async fn overlap(&mut self, pool: &Pool) {
-        let until = Instant::now() + pool.config.load().handover.overlap;
+    async fn overlap(&mut self, task: &Task) {
+        let parts = &task.parts;
+        let until = bounds::after(parts.config.load().handover.overlap);
         loop {
             let message = tokio::select! {
                 message = self.socket.next() => message,
                 _ = tokio::time::sleep_until(until) => return,
-                _ = pool.shutdown.cancelled() => return,
+                _ = parts.shutdown.cancelled() => return,
             };
             match message {
                 Some(Ok(Message::Text(text))) => {
@@ -343,7 +651,9 @@ impl Live {
                         correlation_id,
                     } = frame::classify(&text)
                     {
-                        pool.router.route(&topic, correlation_id.as_deref(), &text);
+                        parts
+                            .delivery
+                            .event(&topic, correlation_id.as_deref(), &text);
                     }
                 }
                 Some(Ok(_)) => {}
@@ -357,21 +667,22 @@ impl Live {
 /// A 401 means it was dead already. While Genesys cannot be reached, it tries again
 /// with back-off — the channel still counts against the budget meanwhile — until it
 /// succeeds or the token expires on its own.
-async fn retire_token(pool: &Pool, token: &Token) {
+async fn retire_token(parts: &Parts, token: &Token) {
     let mut backoff = Backoff::new();
     loop {
-        match pool.genesys.retire_token(&token.value).await {
+        match parts.genesys.retire_token(&token.value).await {
             Ok(()) | Err(UpstreamError::Unauthorized) => return,
             Err(error) => {
                 tracing::warn!(%error, "could not retire a token: its channel keeps its budget slot meanwhile");
-                let retry_at = Instant::now()
-                    + error
+                let retry_at = bounds::after(
+                    error
                         .retry_after()
                         .unwrap_or_default()
-                        .max(backoff.next_wait());
+                        .max(backoff.next_wait()),
+                );
                 tokio::select! {
                     _ = tokio::time::sleep_until(retry_at.min(token.expires_at)) => {}
-                    _ = pool.shutdown.cancelled() => return,
+                    _ = parts.shutdown.cancelled() => return,
                 }
                 if Instant::now() >= token.expires_at {
                     return;
@@ -418,7 +729,7 @@ impl Pace {
         let for_token = if self.tokens >= 1.0 {
             Instant::now()
         } else {
-            Instant::now() + Duration::from_secs_f64((1.0 - self.tokens) / PACE_PER_SEC)
+            bounds::after(Duration::from_secs_f64((1.0 - self.tokens) / PACE_PER_SEC))
         };
         for_token.max(self.not_before)
     }
@@ -433,8 +744,8 @@ impl Pace {
         true
     }
 
-    /// No call before `wait` has passed (a 429's `Retry-After`).
+    /// No call before `wait` has passed (a `Retry-After`, a back-off).
     fn defer(&mut self, wait: Duration) {
-        self.not_before = self.not_before.max(Instant::now() + wait);
+        self.not_before = self.not_before.max(bounds::after(wait));
     }
 }

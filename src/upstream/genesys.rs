@@ -9,12 +9,16 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use super::state::Refusal;
+use crate::bounds;
 use crate::config::Secret;
 
 /// An upstream notification socket.
@@ -34,12 +38,11 @@ pub enum UpstreamError {
     /// 401: the token is expired or revoked.
     #[error("the token is no longer valid (401)")]
     Unauthorized,
-    #[error("forbidden (403 {0})")]
-    Forbidden(String),
     #[error("not found (404)")]
     NotFound,
-    #[error("request refused (400 {0})")]
-    BadRequest(String),
+    /// Any other 4xx (400, 403, 409, …): Genesys refused the request as a whole.
+    #[error("request refused ({status} {code})")]
+    Refused { status: u16, code: String },
     /// 5xx, timeouts, connection failures: worth retrying.
     #[error("Genesys Cloud unavailable: {0}")]
     Unavailable(String),
@@ -53,6 +56,39 @@ impl UpstreamError {
             Self::Throttled { retry_after } => *retry_after,
             _ => None,
         }
+    }
+
+    /// For a request Genesys refused as a whole: its status and code.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            Self::Refused { status, code } => Some(Refusal {
+                status: *status,
+                code: code.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl SocketOrigin {
+    fn of(api_url: &str) -> Result<Self, UpstreamError> {
+        let invalid = || UpstreamError::Protocol("the API URL is not an http(s) URL".into());
+        let url = url::Url::parse(api_url).map_err(|_| invalid())?;
+        let scheme = match url.scheme() {
+            "https" => "wss",
+            "http" => "ws",
+            _ => return Err(invalid()),
+        };
+        let api_host = url.host_str().ok_or_else(invalid)?.to_owned();
+        let streaming_host = api_host
+            .strip_prefix("api.")
+            .map(|domain| format!("streaming.{domain}"));
+        Ok(Self {
+            scheme,
+            api_port: url.port(),
+            api_host,
+            streaming_host,
+        })
     }
 }
 
@@ -74,13 +110,30 @@ pub struct Genesys {
     http: reqwest::Client,
     login_url: String,
     api_url: String,
+    /// Where a `connectUri` may point: see [`Genesys::check_connect_uri`].
+    sockets: SocketOrigin,
     ws_tls: Arc<rustls::ClientConfig>,
+}
+
+/// The scheme, hosts and port a `connectUri` from this API may use. Genesys answers
+/// `wss://streaming.<region>/channels/<id>` for `https://api.<region>`; a gateway or a
+/// fake serves both on the API's own address. Anything else is refused: a socket URL
+/// is a place the proxy connects to on the word of an HTTP answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SocketOrigin {
+    scheme: &'static str,
+    api_host: String,
+    api_port: Option<u16>,
+    streaming_host: Option<String>,
 }
 
 impl Genesys {
     pub fn new(login_url: &str, api_url: &str) -> Result<Self, UpstreamError> {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(crate::tls::http_client_config())
+            // A redirect from Genesys would be a misconfiguration or an attack: the
+            // bearer token must go nowhere else.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(CALL_TIMEOUT)
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -92,30 +145,45 @@ impl Genesys {
                     e.without_url()
                 ))
             })?;
+        let api_url = api_url.trim_end_matches('/').to_owned();
         Ok(Self {
             http,
             login_url: login_url.trim_end_matches('/').to_owned(),
-            api_url: api_url.trim_end_matches('/').to_owned(),
+            sockets: SocketOrigin::of(&api_url)?,
+            api_url,
             ws_tls: crate::tls::websocket_client_config(),
         })
     }
 
+    /// Refuses a `connectUri` that is not `wss://` (or `ws://` for an `http://` API)
+    /// on the API's host and port or on its `streaming.` sibling.
+    fn check_connect_uri(&self, uri: &str) -> Result<(), UpstreamError> {
+        let refused = || {
+            UpstreamError::Protocol(
+                "the channel's connectUri is not a Genesys Cloud socket address".into(),
+            )
+        };
+        let url = url::Url::parse(uri).map_err(|_| refused())?;
+        let origin = &self.sockets;
+        if url.scheme() != origin.scheme || !url.username().is_empty() || url.password().is_some() {
+            return Err(refused());
+        }
+        let host = url.host_str().ok_or_else(refused)?;
+        let port = url.port();
+        let on_api = host.eq_ignore_ascii_case(&origin.api_host) && port == origin.api_port;
+        let on_streaming = origin
+            .streaming_host
+            .as_deref()
+            .is_some_and(|streaming| host.eq_ignore_ascii_case(streaming) && port.is_none());
+        if on_api || on_streaming {
+            Ok(())
+        } else {
+            Err(refused())
+        }
+    }
+
     /// `POST {login}/oauth/token`, client-credentials grant with HTTP Basic auth.
     pub async fn mint(&self, client_id: &str, secret: &Secret) -> Result<Minted, UpstreamError> {
-        #[derive(Deserialize)]
-        struct Granted {
-            access_token: String,
-            expires_in: u64,
-        }
-        #[derive(Deserialize, Default)]
-        struct Refused {
-            #[serde(default)]
-            error: String,
-            #[serde(default)]
-            description: String,
-            #[serde(default)]
-            error_description: String,
-        }
         let response = self
             .http
             .post(format!("{}/oauth/token", self.login_url))
@@ -127,38 +195,8 @@ impl Genesys {
             .map_err(transport)?;
         let status = response.status();
         let retry_after = retry_after(&response);
-        let body = response.bytes().await.map_err(transport)?;
-        if status.is_success() {
-            let granted: Granted = serde_json::from_slice(&body).map_err(|_| {
-                UpstreamError::Protocol("the token answer is not the expected JSON".into())
-            })?;
-            return Ok(Minted {
-                token: Secret::from(granted.access_token),
-                lifetime: Duration::from_secs(granted.expires_in),
-            });
-        }
-        let refused: Refused = serde_json::from_slice(&body).unwrap_or_default();
-        let description = if refused.description.is_empty() {
-            refused.error_description
-        } else {
-            refused.description
-        };
-        Err(match (status, refused.error.as_str()) {
-            (StatusCode::TOO_MANY_REQUESTS, _) => UpstreamError::Throttled { retry_after },
-            (StatusCode::BAD_REQUEST, "invalid_request")
-                if description.starts_with("rate limit exceeded") =>
-            {
-                UpstreamError::Throttled { retry_after }
-            }
-            (
-                StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED,
-                "invalid_client" | "unauthorized_client",
-            ) => UpstreamError::CredentialsRejected(format!("{}: {description}", refused.error)),
-            (s, _) if s.is_server_error() => {
-                UpstreamError::Unavailable(format!("token endpoint answered {s}"))
-            }
-            (s, error) => UpstreamError::Protocol(format!("token endpoint answered {s} {error}")),
-        })
+        let body = read_capped(response).await?;
+        token_answer(status, retry_after, &body)
     }
 
     /// `POST /api/v2/notifications/channels` with the token the channel is pinned to.
@@ -181,12 +219,28 @@ impl Genesys {
         let channel: Channel = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::Protocol("the channel answer is not the expected JSON".into())
         })?;
+        // The id goes into REST paths: `../tokens/me` must not become one.
+        let url_safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if channel.id.is_empty()
+            || channel.id.len() > 200
+            || channel.id.starts_with('.')
+            || !channel.id.chars().all(url_safe)
+        {
+            return Err(UpstreamError::Protocol(
+                "the channel id is not URL-safe".into(),
+            ));
+        }
+        self.check_connect_uri(&channel.connect_uri)?;
+        // An expiry already past (or unreadable) is ignored: the token's expiry still
+        // bounds the channel, and a past value would start a hand-over loop.
+        let expires = channel
+            .expires
+            .and_then(|e| humantime::parse_rfc3339_weak(&e).ok())
+            .filter(|&at| at > SystemTime::now());
         Ok(CreatedChannel {
             id: Secret::from(channel.id),
             connect_uri: Secret::from(channel.connect_uri),
-            expires: channel
-                .expires
-                .and_then(|e| humantime::parse_rfc3339_weak(&e).ok()),
+            expires,
         })
     }
 
@@ -246,8 +300,41 @@ impl Genesys {
         expect_success(response).await.map(|_| ())
     }
 
+    /// `GET /api/v2/tokens/me`: when the token idles (`dateTokenIdles`), if the org
+    /// ends idle tokens. With `preserve_idle` the call itself does not count as
+    /// activity (`preserveIdleTTL=true`); without it, it resets the idle clock.
+    pub async fn token_idles_at(
+        &self,
+        token: &Secret,
+        preserve_idle: bool,
+    ) -> Result<Option<SystemTime>, UpstreamError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct TokenInfo {
+            date_token_idles: Option<String>,
+        }
+        let response = self
+            .http
+            .get(format!(
+                "{}/api/v2/tokens/me?preserveIdleTTL={preserve_idle}",
+                self.api_url
+            ))
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(transport)?;
+        let body = expect_success(response).await?;
+        let info: TokenInfo = serde_json::from_slice(&body).map_err(|_| {
+            UpstreamError::Protocol("the token information is not the expected JSON".into())
+        })?;
+        Ok(info
+            .date_token_idles
+            .and_then(|at| humantime::parse_rfc3339_weak(&at).ok()))
+    }
+
     /// Opens the notification socket (no auth: the channel id is the capability).
     pub async fn connect(&self, connect_uri: &Secret) -> Result<UpstreamSocket, UpstreamError> {
+        self.check_connect_uri(connect_uri.expose())?;
         let connecting = tokio_tungstenite::connect_async_tls_with_config(
             connect_uri.expose(),
             Some(crate::ws::socket_config()),
@@ -293,6 +380,8 @@ fn transport(error: reqwest::Error) -> UpstreamError {
     UpstreamError::Unavailable(error.without_url().to_string())
 }
 
+/// `Retry-After` in seconds, clamped to [`bounds::MAX_RETRY_AFTER`] (the HTTP-date
+/// form is not used by Genesys and is ignored).
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     response
         .headers()
@@ -302,7 +391,122 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
         .trim()
         .parse::<u64>()
         .ok()
-        .map(Duration::from_secs)
+        .map(bounds::retry_after)
+}
+
+/// Reads an answer's body, refusing one over [`bounds::MAX_UPSTREAM_BODY`] without
+/// buffering it.
+async fn read_capped(mut response: reqwest::Response) -> Result<Bytes, UpstreamError> {
+    let too_large =
+        || UpstreamError::Protocol("the answer is larger than any Genesys answer".into());
+    if response
+        .content_length()
+        .is_some_and(|length| length > bounds::MAX_UPSTREAM_BODY as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        if body.len() + chunk.len() > bounds::MAX_UPSTREAM_BODY {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Reads a token endpoint answer: a token and its (clamped) lifetime, or the error
+/// its status and body mean.
+pub fn token_answer(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<Minted, UpstreamError> {
+    #[derive(Deserialize)]
+    struct Granted {
+        access_token: String,
+        expires_in: f64,
+    }
+    #[derive(Deserialize, Default)]
+    struct Refused {
+        #[serde(default)]
+        error: String,
+        #[serde(default)]
+        description: String,
+        #[serde(default)]
+        error_description: String,
+    }
+    if status.is_success() {
+        let granted: Granted = serde_json::from_slice(body).map_err(|_| {
+            UpstreamError::Protocol("the token answer is not the expected JSON".into())
+        })?;
+        if granted.access_token.is_empty() {
+            return Err(UpstreamError::Protocol(
+                "the token answer has an empty token".into(),
+            ));
+        }
+        let lifetime = bounds::token_lifetime(granted.expires_in).ok_or_else(|| {
+            UpstreamError::Protocol("the token answer's expires_in is not a usable lifetime".into())
+        })?;
+        return Ok(Minted {
+            token: Secret::from(granted.access_token),
+            lifetime,
+        });
+    }
+    let refused: Refused = serde_json::from_slice(body).unwrap_or_default();
+    let description = if refused.description.is_empty() {
+        refused.error_description
+    } else {
+        refused.description
+    };
+    let error = known_oauth_error(&refused.error);
+    Err(match (status, error) {
+        (StatusCode::TOO_MANY_REQUESTS, _) => UpstreamError::Throttled { retry_after },
+        (StatusCode::BAD_REQUEST, "invalid_request")
+            if description.starts_with("rate limit exceeded") =>
+        {
+            UpstreamError::Throttled { retry_after }
+        }
+        (
+            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED,
+            "invalid_client" | "unauthorized_client",
+        ) => UpstreamError::CredentialsRejected(format!(
+            "{error}: {}",
+            known_oauth_description(&description)
+        )),
+        (s, _) if s.is_server_error() => {
+            UpstreamError::Unavailable(format!("token endpoint answered {s}"))
+        }
+        (s, error) => UpstreamError::Protocol(format!("token endpoint answered {s} {error}")),
+    })
+}
+
+/// An OAuth `error` code as RFC 6749 names them; anything else is not repeated.
+fn known_oauth_error(error: &str) -> &'static str {
+    [
+        "invalid_request",
+        "invalid_client",
+        "invalid_grant",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+    ]
+    .into_iter()
+    .find(|known| *known == error)
+    .unwrap_or("other")
+}
+
+/// The descriptions Genesys is known to give for a refused client; any other text is
+/// withheld from logs, since an endpoint may echo what it was sent.
+fn known_oauth_description(description: &str) -> &'static str {
+    [
+        "authentication failed",
+        "client not found",
+        "client is not authorized to use the client_credential grant type",
+    ]
+    .into_iter()
+    .find(|known| *known == description)
+    .unwrap_or("description withheld")
 }
 
 /// The body of a 2xx answer, or the error its status means.
@@ -314,19 +518,32 @@ async fn expect_success(response: reqwest::Response) -> Result<bytes::Bytes, Ups
     }
     let status = response.status();
     let retry_after = retry_after(&response);
-    let body = response.bytes().await.map_err(transport)?;
+    let body = read_capped(response).await?;
     if status.is_success() {
         return Ok(body);
     }
+    // The code may reach a client (a refused subscription): only a plain
+    // Genesys-style code passes, never free text.
     let code = serde_json::from_slice::<ApiError>(&body)
         .unwrap_or_default()
         .code;
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let code = if !code.is_empty() && code.len() <= 64 && code.chars().all(plain) {
+        code
+    } else {
+        "unknown".to_owned()
+    };
     Err(match status {
         StatusCode::UNAUTHORIZED => UpstreamError::Unauthorized,
-        StatusCode::FORBIDDEN => UpstreamError::Forbidden(code),
         StatusCode::NOT_FOUND => UpstreamError::NotFound,
         StatusCode::TOO_MANY_REQUESTS => UpstreamError::Throttled { retry_after },
-        StatusCode::BAD_REQUEST => UpstreamError::BadRequest(code),
+        s if s.is_client_error() => UpstreamError::Refused {
+            status: s.as_u16(),
+            code,
+        },
+        s if s.is_redirection() => {
+            UpstreamError::Protocol(format!("API answered {s} (redirects are not followed)"))
+        }
         s if s.is_server_error() => UpstreamError::Unavailable(format!("API answered {s}")),
         s => UpstreamError::Protocol(format!("API answered {s} {code}")),
     })
