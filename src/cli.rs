@@ -162,6 +162,7 @@ async fn run_mock(args: MockArgs) -> anyhow::Result<()> {
             },
             ..Settings::default()
         },
+        socket_base: None,
     };
     let listener = TcpListener::bind(args.listen)
         .await

@@ -48,6 +48,7 @@ pub async fn run() -> anyhow::Result<()> {
             ClientSpec::new("demo-b", "b-secret-1", TOKEN_TTL),
         ],
         settings: Settings::default(),
+        socket_base: None,
     })
     .await
     .context("cannot start the fake Genesys Cloud")?;

@@ -3,7 +3,11 @@
 //! The router keeps, for every topic, the client sessions subscribed to it, and
 //! reports when a topic gains its first subscriber or loses its last (the upstream
 //! pool subscribes and unsubscribes upstream on those transitions). An upstream
-//! frame is routed by its topic and shared, unchanged, by every subscriber. Events
+//! frame is routed by its topic and shared, unchanged, by every subscriber. A
+//! combined subscription (`v2.users.1?presence&routingStatus`) receives the events of
+//! each topic it names (Genesys sends them under `v2.users.1.presence` and so on), and
+//! a session that names one topic twice (plainly and combined) still gets each event
+//! once. Events
 //! are deduplicated on `(topic, CorrelationId)` (the frame's bytes when it has none)
 //! over a window longer than a handover's overlap, so an event that arrives on both
 //! the old and the new channel reaches each client once.
@@ -19,6 +23,8 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::topic;
 
 pub type SessionId = u64;
 
@@ -103,9 +109,12 @@ impl Outbox {
     }
 }
 
-struct Subscriber {
+/// A session that receives the events of one event topic; `names` counts how many
+/// of its subscriptions name that topic.
+struct Route {
     session: SessionId,
     outbox: Arc<Outbox>,
+    names: u32,
 }
 
 /// Counters the router keeps for metrics and tests.
@@ -117,8 +126,16 @@ pub struct RouterCounters {
     pub undeliverable: AtomicU64,
 }
 
+#[derive(Default)]
+struct Subscriptions {
+    /// Subscribed name (as the client wrote it) → its sessions.
+    names: HashMap<String, HashSet<SessionId>>,
+    /// Event topic (as Genesys sends it) → who receives it.
+    routes: HashMap<String, Vec<Route>>,
+}
+
 pub struct Router {
-    subscribers: RwLock<HashMap<String, Vec<Subscriber>>>,
+    subscriptions: RwLock<Subscriptions>,
     dedup: Mutex<Dedup>,
     pub counters: RouterCounters,
 }
@@ -128,7 +145,7 @@ impl Router {
     /// two channels.
     pub fn new(dedup_window: Duration) -> Self {
         Self {
-            subscribers: RwLock::default(),
+            subscriptions: RwLock::default(),
             dedup: Mutex::new(Dedup::new(dedup_window)),
             counters: RouterCounters::default(),
         }
@@ -136,38 +153,64 @@ impl Router {
 
     /// Subscribes a session to topics; returns the topics that had no subscriber before.
     pub fn add(&self, session: SessionId, outbox: &Arc<Outbox>, topics: &[String]) -> Vec<String> {
-        let mut map = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
+        let mut subs = self
+            .subscriptions
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         let mut first = Vec::new();
         for topic in topics {
-            let list = map.entry(topic.clone()).or_default();
-            if list.iter().any(|s| s.session == session) {
+            let sessions = subs.names.entry(topic.clone()).or_default();
+            if !sessions.insert(session) {
                 continue;
             }
-            if list.is_empty() {
+            if sessions.len() == 1 {
                 first.push(topic.clone());
             }
-            list.push(Subscriber {
-                session,
-                outbox: outbox.clone(),
-            });
+            for event_topic in topic::expansion(topic) {
+                let routes = subs.routes.entry(event_topic).or_default();
+                match routes.iter_mut().find(|r| r.session == session) {
+                    Some(route) => route.names += 1,
+                    None => routes.push(Route {
+                        session,
+                        outbox: outbox.clone(),
+                        names: 1,
+                    }),
+                }
+            }
         }
         first
     }
 
     /// Unsubscribes a session from topics; returns the topics left with no subscriber.
     pub fn remove(&self, session: SessionId, topics: &[String]) -> Vec<String> {
-        let mut map = self.subscribers.write().unwrap_or_else(|p| p.into_inner());
+        let mut subs = self
+            .subscriptions
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         let mut last = Vec::new();
         for topic in topics {
-            let Some(list) = map.get_mut(topic) else {
+            let Some(sessions) = subs.names.get_mut(topic) else {
                 continue;
             };
-            let before = list.len();
-            list.retain(|s| s.session != session);
-            if list.is_empty() {
-                map.remove(topic);
-                if before > 0 {
-                    last.push(topic.clone());
+            if !sessions.remove(&session) {
+                continue;
+            }
+            if sessions.is_empty() {
+                subs.names.remove(topic);
+                last.push(topic.clone());
+            }
+            for event_topic in topic::expansion(topic) {
+                let Some(routes) = subs.routes.get_mut(&event_topic) else {
+                    continue;
+                };
+                if let Some(at) = routes.iter().position(|r| r.session == session) {
+                    routes[at].names -= 1;
+                    if routes[at].names == 0 {
+                        routes.swap_remove(at);
+                    }
+                }
+                if routes.is_empty() {
+                    subs.routes.remove(&event_topic);
                 }
             }
         }
@@ -190,13 +233,13 @@ impl Router {
             return 0;
         }
         self.counters.events_routed.fetch_add(1, Ordering::Relaxed);
-        let map = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
-        let Some(list) = map.get(topic) else {
+        let subs = self.subscriptions.read().unwrap_or_else(|p| p.into_inner());
+        let Some(routes) = subs.routes.get(topic) else {
             return 0;
         };
         let mut delivered = 0;
-        for subscriber in list {
-            if subscriber.outbox.send(frame) {
+        for route in routes {
+            if route.outbox.send(frame) {
                 delivered += 1;
             } else {
                 self.counters.undeliverable.fetch_add(1, Ordering::Relaxed);
@@ -211,15 +254,23 @@ impl Router {
     /// Tells every session subscribed to any of `topics` that events on them may have
     /// been lost between `from` and `to`, naming only that session's topics.
     pub fn notify_gap(&self, topics: &[String], from: SystemTime, to: SystemTime) {
-        let map = self.subscribers.read().unwrap_or_else(|p| p.into_inner());
+        let subs = self.subscriptions.read().unwrap_or_else(|p| p.into_inner());
         let mut per_session: BTreeMap<SessionId, (Arc<Outbox>, Vec<&str>)> = BTreeMap::new();
         for topic in topics {
-            for subscriber in map.get(topic).into_iter().flatten() {
-                per_session
-                    .entry(subscriber.session)
-                    .or_insert_with(|| (subscriber.outbox.clone(), Vec::new()))
-                    .1
-                    .push(topic);
+            let Some(sessions) = subs.names.get(topic) else {
+                continue;
+            };
+            for event_topic in topic::expansion(topic) {
+                for route in subs.routes.get(&event_topic).into_iter().flatten() {
+                    if sessions.contains(&route.session) {
+                        let entry = per_session
+                            .entry(route.session)
+                            .or_insert_with(|| (route.outbox.clone(), Vec::new()));
+                        if !entry.1.contains(&topic.as_str()) {
+                            entry.1.push(topic);
+                        }
+                    }
+                }
             }
         }
         for (outbox, topics) in per_session.into_values() {
@@ -229,9 +280,10 @@ impl Router {
 
     /// How many topics have at least one subscriber.
     pub fn topic_count(&self) -> usize {
-        self.subscribers
+        self.subscriptions
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .names
             .len()
     }
 }
@@ -321,6 +373,51 @@ mod tests {
             router.remove(2, &topics(&["y", "z", "never"])),
             topics(&["y", "z"])
         );
+        assert_eq!(router.topic_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn combined_subscriptions_receive_each_named_topic_once() {
+        let router = Router::new(Duration::from_secs(10));
+        let outbox = Arc::new(Outbox::default());
+        let (_, rx, _) = outbox.attach();
+        assert_eq!(
+            router.add(
+                1,
+                &outbox,
+                &topics(&["v2.u.1?presence&routing", "v2.u.1.presence"])
+            ),
+            topics(&["v2.u.1?presence&routing", "v2.u.1.presence"])
+        );
+        let presence = Utf8Bytes::from_static(r#"{"topicName":"v2.u.1.presence"}"#);
+        let routing = Utf8Bytes::from_static(r#"{"topicName":"v2.u.1.routing"}"#);
+        assert_eq!(
+            router.route("v2.u.1.presence", Some("a"), &presence),
+            1,
+            "once, though named twice"
+        );
+        assert_eq!(router.route("v2.u.1.routing", Some("b"), &routing), 1);
+        assert_eq!(
+            router.route("v2.u.1?presence&routing", Some("c"), &routing),
+            0
+        );
+        assert_eq!(rx.len(), 2);
+        assert_eq!(
+            router.remove(1, &topics(&["v2.u.1.presence"])),
+            topics(&["v2.u.1.presence"])
+        );
+        assert_eq!(
+            router.route("v2.u.1.presence", Some("d"), &presence),
+            1,
+            "still named by the combined one"
+        );
+        assert_eq!(
+            router
+                .remove(1, &topics(&["v2.u.1?presence&routing"]))
+                .len(),
+            1
+        );
+        assert_eq!(router.route("v2.u.1.presence", Some("e"), &presence), 0);
         assert_eq!(router.topic_count(), 0);
     }
 

@@ -106,6 +106,19 @@ pub fn weight(name: &str) -> usize {
     }
 }
 
+/// The topics whose events a subscription receives: itself, or for a combined topic
+/// (`prefix?a&b`) each of `prefix.a`, `prefix.b` (Genesys sends events under those).
+pub fn expansion(name: &str) -> Vec<String> {
+    match name.split_once('?') {
+        Some((prefix, suffixes)) => suffixes
+            .split('&')
+            .filter(|s| !s.is_empty())
+            .map(|suffix| format!("{prefix}.{suffix}"))
+            .collect(),
+        None => vec![name.to_owned()],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +181,10 @@ mod tests {
     fn combined_topics_weigh_their_expansion() {
         assert_eq!(weight("v2.users.1.presence"), 1);
         assert_eq!(weight("v2.users.1?presence&routingStatus&station"), 3);
+        assert_eq!(
+            expansion("v2.users.1?presence&conversations.calls"),
+            ["v2.users.1.presence", "v2.users.1.conversations.calls"]
+        );
+        assert_eq!(expansion("v2.users.1.presence"), ["v2.users.1.presence"]);
     }
 }

@@ -942,6 +942,7 @@ async fn realistic_service_times_delay_each_kind_of_call() {
             },
             ..Settings::default()
         },
+        socket_base: None,
     };
     let (_fake, api) = start(config).await;
     let started = Instant::now();
@@ -1015,4 +1016,86 @@ async fn an_oauth_client_can_be_added_at_run_time() {
     let reply = api.token_request("late", "s3", "client_credentials").await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body["expires_in"], 90);
+}
+
+#[tokio::test]
+async fn an_idle_timeout_ends_tokens_that_make_no_call_and_tokens_me_tells_when() {
+    let mut config = fast_config();
+    config.clients.push(
+        ClientSpec::new("idler", "s", Duration::from_secs(3600))
+            .idling_after(Duration::from_secs(1)),
+    );
+    let (_fake, api) = start(config).await;
+    let token = api.mint("idler", "s").await;
+    let info = |preserve: bool| {
+        let (api, token) = (api.clone(), token.clone());
+        async move {
+            let path = format!("/api/v2/tokens/me?preserveIdleTTL={preserve}");
+            let reply = api.call(Method::GET, &path, &token, None).await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            assert_eq!(reply.body["OAuthClient"]["id"], "idler");
+            humantime::parse_rfc3339(reply.body["dateTokenIdles"].as_str().unwrap()).unwrap()
+        }
+    };
+    let first = info(true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        info(true).await,
+        first,
+        "preserveIdleTTL leaves the idle clock alone"
+    );
+    let touched = info(false).await;
+    assert!(touched > first, "a call is activity: the token idles later");
+
+    let (_, uri) = api.channel(&token).await;
+    let mut socket = connect(&uri).await;
+    // A socket is not activity: without API calls the token idles, and its channel
+    // and socket die with it.
+    let (_, _) = until_closed(&mut socket).await;
+    let reply = api
+        .call(Method::GET, "/api/v2/tokens/me", &token, None)
+        .await;
+    assert_eq!(reply.status, 401);
+    let stats = api.stats().await;
+    assert_eq!(stats["counters"]["tokens_idled"], 1);
+
+    // Tokens of clients without an idle timeout say nothing of it.
+    let plain = api.mint(CLIENT, SECRET).await;
+    let reply = api
+        .call(Method::GET, "/api/v2/tokens/me", &plain, None)
+        .await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.get("dateTokenIdles").is_none(), "{}", reply.body);
+}
+
+#[tokio::test]
+async fn subscription_changes_can_be_refused_wholesale_on_demand() {
+    let (_fake, api) = start(fast_config()).await;
+    let token = api.mint(CLIENT, SECRET).await;
+    let (id, _) = api.channel(&token).await;
+    assert_eq!(api.subscribe(&token, &id, &["v2.a"]).await.status, 200);
+    let set = api
+        .control(Method::POST, "faults/subscriptions", json!({"count": 1}))
+        .await;
+    assert_eq!(set.status, 204);
+    let refused = api.subscribe(&token, &id, &["v2.a", "v2.b"]).await;
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.body["code"], "bad.request");
+    let listed = api
+        .call(
+            Method::GET,
+            &format!("/api/v2/notifications/channels/{id}/subscriptions"),
+            &token,
+            None,
+        )
+        .await;
+    assert_eq!(
+        listed.body["entities"],
+        json!([{"id": "v2.a", "state": "Permitted"}]),
+        "kept as it was"
+    );
+    assert_eq!(
+        api.subscribe(&token, &id, &["v2.a", "v2.b"]).await.status,
+        200
+    );
 }

@@ -148,6 +148,7 @@ async fn a_throttled_token_endpoint_is_backed_off_without_a_busy_loop_and_recove
             Duration::from_secs(3600),
         )],
         settings,
+        socket_base: None,
     })
     .await;
     fake_api

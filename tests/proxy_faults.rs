@@ -299,6 +299,19 @@ async fn a_client_that_was_away_hears_of_the_events_it_missed() {
         1,
         "upstream still delivers"
     );
+    // The proxy has routed it to nobody before the desktop comes back.
+    wait_for("the event to find no socket", || {
+        let admin = w.admin.clone();
+        async move {
+            let metrics = admin.get("/metrics").await.body;
+            metrics
+                .as_str()?
+                .lines()
+                .any(|l| l == "handover_undeliverable_total 1")
+                .then_some(())
+        }
+    })
+    .await;
 
     let mut back = connect(&uri).await;
     match next_non_heartbeat(&mut back).await {

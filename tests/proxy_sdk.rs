@@ -22,10 +22,10 @@ async fn genesys_python_sdk_subscribes_and_streams_through_a_maintenance_close()
 
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/sdk/genesys_sdk_client.py"
+        "/tests/clients/genesys_sdk_client.py"
     );
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let deps = python_deps(&python).await;
+    let deps = clients::python_deps(&python).await;
     let mut child = Command::new(&python)
         .args([script, &client.base, "v2.users.42.presence", "400"])
         .env("PYTHONPATH", &deps)
@@ -73,45 +73,4 @@ async fn genesys_python_sdk_subscribes_and_streams_through_a_maintenance_close()
     );
     stream_done(fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
     assert!(child.wait().await.unwrap().success());
-}
-
-/// The SDK and `websockets` for the client script: the ones installed already (CI
-/// installs them), or else installed from PyPI into `target/python`, so that a plain
-/// `cargo test` on a fresh machine needs no other set-up step.
-async fn python_deps(python: &str) -> String {
-    const PACKAGES: [&str; 2] = ["purecloudplatformclientv2==269.0.0", "websockets==17.4"];
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/python");
-    let importable = || async {
-        Command::new(python)
-            .args(["-c", "import PureCloudPlatformClientV2, websockets"])
-            .env("PYTHONPATH", dir)
-            .status()
-            .await
-            .is_ok_and(|s| s.success())
-    };
-    if !importable().await {
-        let installed = Command::new(python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-                dir,
-            ])
-            .args(PACKAGES)
-            .status()
-            .await
-            .expect("pip runs");
-        assert!(
-            installed.success(),
-            "could not install {PACKAGES:?} with pip"
-        );
-        assert!(
-            importable().await,
-            "{PACKAGES:?} installed but not importable"
-        );
-    }
-    dir.to_owned()
 }

@@ -113,6 +113,7 @@ async fn sighup_reloads_credentials_without_dropping_clients_and_nothing_secret_
             ClientSpec::new("client-b", "secret-bravo-456", Duration::from_secs(5)),
         ],
         settings: Settings::default(),
+        socket_base: None,
     })
     .await;
     let secrets = Secrets::new();

@@ -42,6 +42,7 @@ impl Fake {
                 service_times,
                 ..Settings::default()
             },
+            socket_base: None,
         })
         .await?;
         Ok(Fake {

@@ -38,6 +38,9 @@ const BATCH: usize = 64;
 pub const MAX_QUEUED_SUBSCRIBES: usize = 8;
 /// How long a close waits for the client's Close (and a slow client's writes).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A write that cannot complete for this long means the client stopped reading (its
+/// TCP window is shut): the connection is dropped rather than held forever.
+const WRITE_STALL: Duration = Duration::from_secs(10);
 
 pub struct ClientSocket {
     pub channel: Arc<ClientChannel>,
@@ -125,14 +128,14 @@ impl ClientSocket {
                             End::Close(CloseCode::Again, "client too slow: reconnect")
                         };
                     };
-                    if write_batch(&mut socket, first, &mut outbox).await.is_err() {
+                    if !within_stall(write_batch(&mut socket, first, &mut outbox)).await {
                         break End::Gone;
                     }
                 }
                 message = socket.next(), if reading => match message {
                     Some(Ok(Message::Text(text))) => match in_band(&text) {
                         InBand::Ping => {
-                            if socket.send(Message::text(frame::PONG)).await.is_err() {
+                            if !within_stall(socket.send(Message::text(frame::PONG))).await {
                                 break End::Gone;
                             }
                         }
@@ -147,12 +150,12 @@ impl ClientSocket {
                 },
                 answer = async { in_progress.as_mut().expect("guarded").await }, if in_progress.is_some() => {
                     in_progress = None;
-                    if socket.send(Message::Text(answer)).await.is_err() {
+                    if !within_stall(socket.send(Message::Text(answer))).await {
                         break End::Gone;
                     }
                 }
                 _ = heartbeats.tick() => {
-                    if socket.send(Message::text(frame::HEARTBEAT)).await.is_err() {
+                    if !within_stall(socket.send(Message::text(frame::HEARTBEAT))).await {
                         break End::Gone;
                     }
                 }
@@ -194,10 +197,10 @@ impl ClientSocket {
 async fn close(socket: &mut ServerSocket, end: End) {
     let handshake = async {
         match end {
-            // tungstenite queued the answering Close on reading the client's; this
-            // sends it.
+            // tungstenite queued the answering Close on reading the client's; a flush
+            // sends it (a send would be refused: the socket is closing).
             End::ClosedByClient => {
-                let _ = socket.close(None).await;
+                let _ = socket.flush().await;
             }
             End::Gone => {}
             End::Close(code, reason) => {
@@ -212,6 +215,11 @@ async fn close(socket: &mut ServerSocket, end: End) {
         }
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}
+
+/// Whether a write completed, in time.
+async fn within_stall<E>(write: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(tokio::time::timeout(WRITE_STALL, write).await, Ok(Ok(())))
 }
 
 async fn write_batch(

@@ -55,8 +55,11 @@ pub(super) async fn handle(
             subscriptions(fake, req, &bearer, channel_id).await
         }
         ["api", "v2", "tokens", "me"] => {
-            only(&method, &[Method::DELETE])?;
+            only(&method, &[Method::GET, Method::DELETE])?;
             let bearer = authorize(fake, &req).await?;
+            if method == Method::GET {
+                return token_info(fake, &bearer);
+            }
             fake.state().revoke_token(&bearer);
             Ok(http_server::empty(StatusCode::NO_CONTENT))
         }
@@ -150,9 +153,28 @@ fn basic_credentials(headers: &http::HeaderMap) -> Option<(String, String)> {
     Some((id.to_owned(), secret.to_owned()))
 }
 
-/// Waits the API service time, then checks the bearer token and the rate limit.
+/// `GET /api/v2/tokens/me`: Genesys' `TokenInfo`, with `dateTokenIdles` when the
+/// org's idle timeout applies to the token.
+fn token_info(fake: &Fake, bearer: &str) -> Result<Response, Rejection> {
+    let (client_id, idles) = fake
+        .state()
+        .token_info(bearer, Instant::now())
+        .ok_or_else(|| {
+            Rejection::unauthenticated("bad.credentials", "Invalid login credentials.")
+        })?;
+    let mut info = json!({"OAuthClient": {"id": client_id}, "authorizedScope": []});
+    if let Some(idles) = idles {
+        info["dateTokenIdles"] = json!(iso8601(idles));
+    }
+    Ok(json(StatusCode::OK, &info))
+}
+
+/// Waits the API service time, then checks the bearer token and the rate limit. The
+/// call counts as the token's activity unless it asks `preserveIdleTTL=true`.
 async fn authorize(fake: &Fake, req: &Request) -> Result<String, Rejection> {
     fake.service_time(|t| t.api).await;
+    let preserve_idle =
+        query_param(req.uri(), "preserveIdleTTL").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -160,7 +182,8 @@ async fn authorize(fake: &Fake, req: &Request) -> Result<String, Rejection> {
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim().to_owned());
-    fake.state().authorize(bearer.as_deref(), Instant::now())?;
+    fake.state()
+        .authorize(bearer.as_deref(), preserve_idle, Instant::now())?;
     Ok(bearer.expect("authorize refuses a missing token"))
 }
 

@@ -12,6 +12,7 @@
 //! | `POST /__mock/socket-closing` | `{"channels"?,"close_after":"60s"}` | maintenance warning, then close |
 //! | `POST /__mock/stall` | `{"channels"?}` | sockets go silent without closing (no events, heartbeats, pongs) |
 //! | `POST /__mock/faults/token` | `{"mode":"throttle"\|"outage"\|"none","status"?,"count"?}` | token-endpoint faults |
+//! | `POST /__mock/faults/subscriptions` | `{"count"}` | refuse the next `count` subscription changes wholesale (400) |
 //! | `PATCH /__mock/settings` | any `Settings` fields | change behaviour at run time |
 
 use std::sync::Arc;
@@ -66,6 +67,16 @@ pub(super) async fn handle(
             Ok(json(StatusCode::OK, &json!({ "channels": stalled })))
         }
         (&Method::POST, ["faults", "token"]) => token_fault(fake, &body),
+        (&Method::POST, ["faults", "subscriptions"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Refuse {
+                count: u32,
+            }
+            let request: Refuse = parse(&body)?;
+            fake.state().refuse_subscriptions(request.count);
+            Ok(http_server::empty(StatusCode::NO_CONTENT))
+        }
         (&Method::PATCH, ["settings"]) => patch_settings(fake, &body),
         (&Method::GET, ["settings"]) => Ok(json(StatusCode::OK, &fake.state().settings)),
         _ => Err(Rejection::not_found(format!(

@@ -85,7 +85,10 @@ pub async fn run(listener: TcpListener, config: MockConfig, shutdown: Cancellati
     let fake = Arc::new(Fake {
         state: Mutex::new(State::new(config.clients, config.settings)),
         expiry_changed: Notify::new(),
-        ws_base: format!("ws://{addr}"),
+        ws_base: config
+            .socket_base
+            .clone()
+            .unwrap_or_else(|| format!("ws://{addr}")),
         tasks: TaskTracker::new(),
         shutdown: shutdown.clone(),
         next_id: AtomicU64::new(1),

@@ -14,6 +14,12 @@ pub struct ClientSpec {
     /// 300 s to 48 h; the fake accepts 1 s upward so that tests can watch expiry.
     #[serde(with = "humantime_serde", default = "default_token_ttl")]
     pub token_ttl: Duration,
+    /// The org's idle-token timeout (`PUT /api/v2/tokens/timeout`, 5 minutes and up;
+    /// 15 minutes in HIPAA orgs), if it applies to this client's tokens: a token that
+    /// makes no API call for this long dies, with its channels. Genesys does not say
+    /// whether client-credentials tokens idle, so the fake can do both.
+    #[serde(with = "humantime_serde", default)]
+    pub idle_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for ClientSpec {
@@ -22,6 +28,7 @@ impl std::fmt::Debug for ClientSpec {
             .field("id", &self.id)
             .field("secret", &"<redacted>")
             .field("token_ttl", &self.token_ttl)
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -32,7 +39,14 @@ impl ClientSpec {
             id: id.into(),
             secret: secret.into(),
             token_ttl,
+            idle_timeout: None,
         }
+    }
+
+    /// The same client, whose tokens die after `idle` without an API call.
+    pub fn idling_after(mut self, idle: Duration) -> Self {
+        self.idle_timeout = Some(idle);
+        self
     }
 }
 
@@ -154,6 +168,10 @@ impl Settings {
 pub struct MockConfig {
     pub clients: Vec<ClientSpec>,
     pub settings: Settings,
+    /// Base of every `connectUri` (`ws://host:port`), when sockets must be reached
+    /// through something in front of the fake (a chaos relay); its own address
+    /// otherwise.
+    pub socket_base: Option<String>,
 }
 
 /// `*` matches any (possibly empty) run of characters; everything else literally.

@@ -15,12 +15,25 @@ use tokio_util::sync::CancellationToken;
 use super::Fake;
 use super::errors::Rejection;
 use super::state::SocketCommand;
-use crate::frame;
 use crate::http_server::{Request, Response};
 use crate::ws::{self, ServerSocket};
 
 /// Most frames written before one flush, so that a burst costs few syscalls.
 const BATCH: usize = 64;
+/// How long a close waits for the peer's Close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+// Genesys' own frames, written out here rather than shared with the proxy, so that
+// the fake judges the proxy independently: a wrong constant in the proxy fails here.
+const HEARTBEAT: &str =
+    r#"{"topicName":"channel.metadata","eventBody":{"message":"WebSocket Heartbeat"}}"#;
+const PONG: &str = r#"{"topicName":"channel.metadata","eventBody":{"message":"pong"}}"#;
+
+/// `{"message":"ping"}`, Genesys' health check, whatever the spacing or extra fields.
+fn is_health_check(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v.get("message").and_then(|m| m.as_str()) == Some("ping"))
+}
 
 pub(super) async fn upgrade(
     fake: &Arc<Fake>,
@@ -91,16 +104,21 @@ async fn serve_socket(
             }
             message = socket.next() => match message {
                 Some(Ok(Message::Text(text))) => {
-                    if !stalled && frame::is_ping(&text) && socket.send(Message::text(frame::PONG)).await.is_err() {
+                    if !stalled && is_health_check(&text) && socket.send(Message::text(PONG)).await.is_err() {
                         return;
                     }
                 }
-                // RFC 6455 pings are answered by tungstenite itself.
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                // RFC 6455 pings are answered by tungstenite itself; a Close is
+                // answered with a Close (tungstenite queued it; a flush sends it).
+                Some(Ok(Message::Close(_))) => {
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
             _ = heartbeats.tick() => {
-                if !stalled && socket.send(Message::text(frame::HEARTBEAT)).await.is_err() {
+                if !stalled && socket.send(Message::text(HEARTBEAT)).await.is_err() {
                     return;
                 }
             }
@@ -165,5 +183,11 @@ async fn close(
         code,
         reason: reason.into(),
     };
-    let _ = socket.close(Some(frame)).await;
+    // Wait for the peer's Close before the TCP close, as RFC 6455 asks.
+    let handshake = async {
+        if socket.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = socket.next().await {}
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
 }

@@ -57,6 +57,7 @@ pub enum TokenFault {
 struct OAuthClient {
     secret: String,
     token_ttl: Duration,
+    idle_timeout: Option<Duration>,
     tokens_issued: u64,
     channels_created: u64,
     peak_channels: usize,
@@ -65,8 +66,21 @@ struct OAuthClient {
 struct Token {
     client_id: String,
     expires_at: Instant,
+    /// The org's idle timeout for this token, and its last API call.
+    idle_timeout: Option<Duration>,
+    last_active: Instant,
     /// Times of this token's API requests inside the rate window.
     recent_requests: VecDeque<Instant>,
+}
+
+impl Token {
+    /// When the token dies: at its expiry, or earlier if it idles.
+    fn dies_at(&self) -> Instant {
+        match self.idle_timeout {
+            Some(idle) => self.expires_at.min(later(self.last_active, idle)),
+            None => self.expires_at,
+        }
+    }
 }
 
 struct Socket {
@@ -156,6 +170,8 @@ pub struct State {
     /// Expanded topic → ids of the channels subscribed to it.
     topic_index: HashMap<String, HashSet<String>>,
     token_fault: Option<(TokenFault, Option<u32>)>,
+    /// Subscription changes still to refuse wholesale with 400.
+    refuse_subscriptions: u32,
     next_serial: u64,
     next_event_seq: u64,
     counters: Counters,
@@ -174,6 +190,8 @@ struct Counters {
     /// or its socket's queue was full.
     events_dropped: u64,
     rejected_total: u64,
+    /// Tokens that died of the idle timeout (before their expiry).
+    tokens_idled: u64,
 }
 
 #[derive(Clone, Serialize)]
@@ -193,6 +211,7 @@ impl State {
             channels: HashMap::new(),
             topic_index: HashMap::new(),
             token_fault: None,
+            refuse_subscriptions: 0,
             next_serial: 0,
             next_event_seq: 0,
             counters: Counters::default(),
@@ -211,6 +230,7 @@ impl State {
             OAuthClient {
                 secret: spec.secret,
                 token_ttl: spec.token_ttl,
+                idle_timeout: spec.idle_timeout,
                 tokens_issued: 0,
                 channels_created: 0,
                 peak_channels: 0,
@@ -249,12 +269,15 @@ impl State {
         }
         client.tokens_issued += 1;
         let ttl = client.token_ttl;
+        let idle_timeout = client.idle_timeout;
         let token = random_token();
         self.tokens.insert(
             token.clone(),
             Token {
                 client_id: client_id.to_owned(),
-                expires_at: now + ttl,
+                expires_at: later(now, ttl),
+                idle_timeout,
+                last_active: now,
                 recent_requests: VecDeque::new(),
             },
         );
@@ -273,8 +296,30 @@ impl State {
         Some(fault)
     }
 
-    /// Checks a bearer token and charges one request to its rate limit.
-    pub fn authorize(&mut self, bearer: Option<&str>, now: Instant) -> Result<(), Rejection> {
+    /// Refuses the next `count` subscription changes (POST/PUT) as a whole with 400,
+    /// as Genesys does for a change it will not take.
+    pub fn refuse_subscriptions(&mut self, count: u32) {
+        self.refuse_subscriptions = count;
+    }
+
+    /// `GET /api/v2/tokens/me`: the token's OAuth client, and when it idles if the
+    /// idle timeout applies to it.
+    pub fn token_info(&self, bearer: &str, now: Instant) -> Option<(String, Option<SystemTime>)> {
+        let token = self.tokens.get(bearer)?;
+        let idles = token
+            .idle_timeout
+            .map(|idle| wall_clock(later(token.last_active, idle), now));
+        Some((token.client_id.clone(), idles))
+    }
+
+    /// Checks a bearer token and charges one request to its rate limit; the call
+    /// counts as activity for the idle timeout unless `preserve_idle`.
+    pub fn authorize(
+        &mut self,
+        bearer: Option<&str>,
+        preserve_idle: bool,
+        now: Instant,
+    ) -> Result<(), Rejection> {
         let Some(bearer) = bearer.filter(|b| !b.is_empty()) else {
             return Err(Rejection::unauthenticated(
                 "authentication.required",
@@ -283,12 +328,15 @@ impl State {
         };
         let limit = self.settings.rate_limit_per_min as usize;
         let window = self.settings.rate_window;
-        let Some(token) = self.tokens.get_mut(bearer).filter(|t| t.expires_at > now) else {
+        let Some(token) = self.tokens.get_mut(bearer).filter(|t| t.dies_at() > now) else {
             return Err(Rejection::unauthenticated(
                 "bad.credentials",
                 "Invalid login credentials.",
             ));
         };
+        if !preserve_idle {
+            token.last_active = now;
+        }
         if limit == 0 {
             return Ok(());
         }
@@ -413,7 +461,7 @@ impl State {
                 client_id: client_id.clone(),
                 token: bearer.to_owned(),
                 serial: self.next_serial,
-                expires_at: now + ttl,
+                expires_at: later(now, ttl),
                 last_used: now,
                 subscriptions: BTreeSet::new(),
                 matched: HashMap::new(),
@@ -433,7 +481,7 @@ impl State {
         client.peak_channels = client.peak_channels.max(live);
         Ok(NewChannel {
             id,
-            expires: wall_clock(now + ttl, now),
+            expires: wall_clock(later(now, ttl), now),
         })
     }
 
@@ -541,6 +589,14 @@ impl State {
         }
         let max_topics = self.settings.max_topics_per_channel;
         let ttl = self.settings.channel_ttl;
+        // The channel must exist and be the caller's before anything else is judged.
+        self.managed_channel(bearer, channel_id, now)?;
+        if self.refuse_subscriptions > 0 {
+            self.refuse_subscriptions -= 1;
+            return Err(Rejection::bad_request(
+                "The subscription request could not be processed.",
+            ));
+        }
         let channel = self.managed_channel(bearer, channel_id, now)?;
         let mut next: BTreeSet<String> = match change {
             SubscriptionChange::Add => channel.subscriptions.clone(),
@@ -554,7 +610,7 @@ impl State {
             )));
         }
         // "To maintain a channel for longer than 24 hours, resubscribe to topics."
-        channel.expires_at = now + ttl;
+        channel.expires_at = later(now, ttl);
         let previous = std::mem::replace(&mut channel.subscriptions, next.clone());
         for topic in previous.difference(&next).cloned().collect::<Vec<_>>() {
             self.unindex(channel_id, &topic);
@@ -781,10 +837,13 @@ impl State {
         let expired_tokens: Vec<String> = self
             .tokens
             .iter()
-            .filter(|(_, t)| t.expires_at <= now)
+            .filter(|(_, t)| t.dies_at() <= now)
             .map(|(k, _)| k.clone())
             .collect();
         for token in expired_tokens {
+            if self.tokens.get(&token).is_some_and(|t| t.expires_at > now) {
+                self.counters.tokens_idled += 1;
+            }
             self.tokens.remove(&token);
             for id in self.channel_ids_where(|c| c.token == token) {
                 let notice = self.death_notice();
@@ -795,7 +854,7 @@ impl State {
             let notice = self.death_notice();
             self.remove_channel(&id, notice, CloseCode::Normal, "channel expired");
         }
-        let tokens = self.tokens.values().map(|t| t.expires_at);
+        let tokens = self.tokens.values().map(Token::dies_at);
         let channels = self.channels.values().map(|c| c.expires_at);
         tokens.chain(channels).min()
     }
@@ -919,6 +978,13 @@ fn random_channel_id() -> String {
     format!("streaming-0-{suffix}")
 }
 
+/// `at + delay`, saturating: durations come from a control API and may be absurd.
+fn later(at: Instant, delay: Duration) -> Instant {
+    at.checked_add(delay)
+        .or_else(|| at.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(at)
+}
+
 /// The wall-clock time of a monotonic deadline.
 fn wall_clock(deadline: Instant, now: Instant) -> SystemTime {
     SystemTime::now() + deadline.saturating_duration_since(now)
@@ -958,15 +1024,15 @@ mod tests {
         let start = Instant::now();
         let (token, _) = state.mint("c", "s", start).unwrap();
         for _ in 0..3 {
-            state.authorize(Some(&token), start).unwrap();
+            state.authorize(Some(&token), false, start).unwrap();
         }
         let refused = state
-            .authorize(Some(&token), start + Duration::from_secs(20))
+            .authorize(Some(&token), false, start + Duration::from_secs(20))
             .unwrap_err();
         assert_eq!(refused.status, http::StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(refused.retry_after_secs, Some(40));
         state
-            .authorize(Some(&token), start + Duration::from_secs(60))
+            .authorize(Some(&token), false, start + Duration::from_secs(60))
             .unwrap();
     }
 }

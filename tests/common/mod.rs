@@ -30,6 +30,7 @@ pub fn fast_config() -> MockConfig {
             service_times: ServiceTimes::NONE,
             ..Settings::default()
         },
+        socket_base: None,
     }
 }
 
@@ -274,4 +275,5 @@ where
     }
 }
 
+pub mod clients;
 pub mod proxy;

@@ -55,6 +55,7 @@ impl World {
                 ClientSpec::new("client-b", "secret-b", token_ttl),
             ],
             settings,
+            socket_base: None,
         })
         .await;
         let secrets = Secrets::new();

@@ -1,0 +1,129 @@
+//! Real client libraries, as the tests drive them: Python's `websockets` (and Genesys'
+//! Python SDK) and Node's `ws`. Each is used from where CI installed it, or installed
+//! on first use into `target/`, so a plain `cargo test` needs no other set-up step.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::process::Command;
+
+const PYTHON_PACKAGES: [&str; 2] = ["purecloudplatformclientv2==269.0.0", "websockets==17.4"];
+const NODE_PACKAGES: [&str; 1] = ["ws@8.23.1"];
+
+/// The Python packages' directory (for `PYTHONPATH`).
+pub async fn python_deps(python: &str) -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/python");
+    let importable = || async {
+        Command::new(python)
+            .args(["-c", "import PureCloudPlatformClientV2, websockets"])
+            .env("PYTHONPATH", dir)
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    };
+    if !importable().await {
+        let installed = Command::new(python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+                dir,
+            ])
+            .args(PYTHON_PACKAGES)
+            .status()
+            .await
+            .expect("pip runs");
+        assert!(
+            installed.success(),
+            "could not install {PYTHON_PACKAGES:?} with pip"
+        );
+        assert!(
+            importable().await,
+            "{PYTHON_PACKAGES:?} installed but not importable"
+        );
+    }
+    dir.to_owned()
+}
+
+/// The Node packages' `node_modules` (for `NODE_PATH`).
+pub async fn node_deps() -> String {
+    let prefix = concat!(env!("CARGO_MANIFEST_DIR"), "/target/node");
+    let modules = format!("{prefix}/node_modules");
+    if !std::path::Path::new(&format!("{modules}/ws/package.json")).exists() {
+        let installed = Command::new("npm")
+            .args([
+                "install",
+                "--prefix",
+                prefix,
+                "--no-audit",
+                "--no-fund",
+                "--silent",
+            ])
+            .args(NODE_PACKAGES)
+            .status()
+            .await
+            .expect("npm runs");
+        assert!(
+            installed.success(),
+            "could not install {NODE_PACKAGES:?} with npm"
+        );
+    }
+    modules
+}
+
+/// A close-code reporter (`tests/clients/close_client.*`) in `language` ("python" or
+/// "node") against `url`; its one-line JSON report.
+pub async fn close_client(language: &str, url: &str, mode: &str, arg: Option<&str>) -> Value {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
+    let mut command = match language {
+        "python" => {
+            let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            let deps = python_deps(&python).await;
+            let mut command = Command::new(python);
+            command
+                .arg(format!("{dir}/close_client.py"))
+                .env("PYTHONPATH", deps);
+            command
+        }
+        "node" => {
+            let modules = node_deps().await;
+            let mut command = Command::new("node");
+            command
+                .arg(format!("{dir}/close_client.cjs"))
+                .env("NODE_PATH", modules);
+            command
+        }
+        other => panic!("no client in {other}"),
+    };
+    command.arg(url).arg(mode).args(arg).kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the client reports in time")
+        .expect("the client runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "{language} client printed no report: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// Starts a close-code reporter without waiting for it (for closes the test causes).
+pub fn spawn_close_client(
+    language: &str,
+    url: &str,
+    mode: &str,
+    arg: Option<&str>,
+) -> tokio::task::JoinHandle<Value> {
+    let (language, url, mode, arg) = (
+        language.to_owned(),
+        url.to_owned(),
+        mode.to_owned(),
+        arg.map(str::to_owned),
+    );
+    tokio::spawn(async move { close_client(&language, &url, &mode, arg.as_deref()).await })
+}
