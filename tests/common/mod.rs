@@ -276,4 +276,5 @@ where
 }
 
 pub mod clients;
+pub mod hostile;
 pub mod proxy;
