@@ -416,6 +416,10 @@ impl PoolState {
         if entry.holds_slot {
             return Grant::Granted;
         }
+        // Retired before it ever held a slot (idle, or replaced): it has nothing to do.
+        if entry.role == Role::Retiring {
+            return Grant::Gone;
+        }
         if used < self.limits.max_channels {
             entry.holds_slot = true;
             Grant::Granted
@@ -660,9 +664,8 @@ impl PoolState {
             Role::HandingOver { .. } | Role::Retiring => return Vec::new(),
         };
         entry.role = Role::Serving;
-        if entry.desired.is_empty() {
-            entry.empty_since.get_or_insert(now);
-        }
+        // Its idle clock starts when it starts serving.
+        entry.empty_since = entry.desired.is_empty().then_some(now);
         let mut effects = Vec::new();
         if let Some(from) = entry.gap_from.take() {
             let topics: Vec<String> = entry.desired.iter().cloned().collect();
@@ -813,5 +816,408 @@ impl PoolState {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn limits(max_channels: usize, max_topics: usize) -> Limits {
+        Limits {
+            max_channels,
+            max_topics,
+            idle_timeout: MINUTE,
+        }
+    }
+
+    fn names(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn spawned(effects: &Effects) -> Vec<ChannelKey> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Spawn(key) => Some(*key),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Takes channel `key` through slot, socket, sync and going live.
+    fn bring_up(state: &mut PoolState, key: ChannelKey, now: Instant) -> Effects {
+        assert_eq!(state.grant_slot(key), Grant::Granted);
+        state.socket_opened(key, &Arc::from("a"));
+        let topics: BTreeSet<String> = state.assignment(key).unwrap().topics.into_keys().collect();
+        state.synced(key, &topics, &BTreeSet::new(), now);
+        state.went_live(key, now)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn topics_fill_channels_by_weight_and_keep_a_slot_for_handovers() {
+        let now = Instant::now();
+        let mut state = PoolState::new(limits(3, 4));
+        let effects = state.want(&names(&["v2.a", "v2.b", "v2.c?x&y"]), now);
+        assert_eq!(spawned(&effects), [1], "1 + 1 + 2 fit one channel of 4");
+        let effects = state.want(&names(&["v2.d"]), now);
+        assert_eq!(spawned(&effects), [2], "the first is full");
+        let effects = state.want(&names(&["v2.e?1&2&3", "v2.f?1&2"]), now);
+        assert!(
+            spawned(&effects).is_empty(),
+            "a third serving channel would take the spare"
+        );
+        assert_eq!(
+            state.outcomes(&names(&["v2.e?1&2&3", "v2.f?1&2"])),
+            [None, Some(TopicOutcome::NoCapacity)],
+            "e fills the second channel; f fits nowhere"
+        );
+        state.check(now).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handover_moves_topics_to_a_successor_that_replaces_its_predecessor() {
+        let now = Instant::now();
+        let mut state = PoolState::new(limits(2, 10));
+        state.want(&names(&["v2.a"]), now);
+        bring_up(&mut state, 1, now);
+        assert_eq!(
+            state.outcomes(&names(&["v2.a"])),
+            [Some(TopicOutcome::Live)]
+        );
+        let effects = state.begin_handover(1, HandoverReason::Expiry, now);
+        assert_eq!(spawned(&effects), [2]);
+        assert_eq!(
+            state.assignment(1).unwrap().role,
+            Role::HandingOver { successor: 2 }
+        );
+        assert_eq!(
+            state.assignment(2).unwrap().topics,
+            BTreeMap::from([("v2.a".to_string(), None)]),
+            "already delivered: never refused"
+        );
+        let later = now + Duration::from_millis(300);
+        let effects = bring_up(&mut state, 2, later);
+        assert!(effects.contains(&Effect::HandoverCompleted {
+            channel: 2,
+            predecessor: 1,
+            reason: HandoverReason::Expiry,
+            took: Duration::from_millis(300),
+        }));
+        assert_eq!(
+            state.assignment(1).unwrap().retire,
+            Some(false),
+            "retires after the overlap"
+        );
+        assert_eq!(state.grant_slot(3), Grant::Gone);
+        assert_eq!(state.gone(1), [Effect::SlotFreed]);
+        state.check(later).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_channel_is_rebuilt_and_its_clients_told_of_the_gap() {
+        let now = Instant::now();
+        let mut state = PoolState::new(limits(2, 10));
+        state.want(&names(&["v2.a"]), now);
+        bring_up(&mut state, 1, now);
+        let since = SystemTime::UNIX_EPOCH;
+        let effects = state.lost(1, now, since);
+        assert_eq!(spawned(&effects), [2]);
+        state.gone(1);
+        let effects = bring_up(&mut state, 2, now);
+        assert!(effects.contains(&Effect::Gap {
+            topics: names(&["v2.a"]),
+            from: since
+        }));
+        state.check(now).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_batch_fails_its_topics_only() {
+        let now = Instant::now();
+        let mut state = PoolState::new(limits(2, 10));
+        state.want(&names(&["v2.old"]), now);
+        bring_up(&mut state, 1, now);
+        state.want(&names(&["v2.new"]), now);
+        let refusal = Refusal {
+            status: 400,
+            code: "bad.request".into(),
+        };
+        state.refused(
+            1,
+            &BTreeSet::from(["v2.new".to_string(), "v2.old".to_string()]),
+            refusal.clone(),
+            now,
+        );
+        assert_eq!(
+            state.outcomes(&names(&["v2.old", "v2.new"])),
+            [
+                Some(TopicOutcome::Live),
+                Some(TopicOutcome::Refused(refusal))
+            ],
+            "a live topic is never refused"
+        );
+        state.check(now).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_serving_channel_retires_after_the_timeout() {
+        let now = Instant::now();
+        let mut state = PoolState::new(limits(2, 10));
+        state.want(&names(&["v2.a"]), now);
+        bring_up(&mut state, 1, now);
+        state.release(&names(&["v2.a"]), now);
+        assert!(!state.idle_check(1, now + MINUTE / 2));
+        assert!(state.idle_check(1, now + MINUTE));
+        assert_eq!(state.assignment(1).unwrap().retire, Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lowered_budget_grants_nothing_until_use_falls_below_it() {
+        let now = Instant::now();
+        let mut state = PoolState::new(limits(3, 1));
+        state.want(&names(&["v2.a", "v2.b"]), now);
+        bring_up(&mut state, 1, now);
+        bring_up(&mut state, 2, now);
+        state.reload(limits(2, 1));
+        state.begin_handover(1, HandoverReason::Expiry, now);
+        assert_eq!(state.grant_slot(3), Grant::Wait);
+        let replacement = spawned(&state.lost(2, now, SystemTime::UNIX_EPOCH));
+        state.gone(2);
+        assert_eq!(state.grant_slot(3), Grant::Granted, "1 of 2 held");
+        assert_eq!(state.grant_slot(replacement[0]), Grant::Wait, "2 of 2 held");
+    }
+
+    mod properties {
+        use std::collections::BTreeMap as Map;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Where a simulated channel task is in its life.
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Phase {
+            Waiting,
+            Slotted,
+            Open,
+            Live,
+        }
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Want(Vec<u8>),
+            Release(Vec<u8>),
+            /// Moves the picked channel task one step on.
+            Advance(u8),
+            Lose(u8),
+            Refuse(u8),
+            Handover(u8),
+            Drain,
+            Tick(u16),
+            Raise(u8),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                3 => prop::collection::vec(0u8..24, 1..4).prop_map(Step::Want),
+                2 => prop::collection::vec(0u8..24, 1..4).prop_map(Step::Release),
+                8 => any::<u8>().prop_map(Step::Advance),
+                1 => any::<u8>().prop_map(Step::Lose),
+                1 => any::<u8>().prop_map(Step::Refuse),
+                1 => any::<u8>().prop_map(Step::Handover),
+                1 => Just(Step::Drain),
+                2 => (0u16..40_000).prop_map(Step::Tick),
+                1 => (0u8..3).prop_map(Step::Raise),
+            ]
+        }
+
+        /// Topic `n`: every fourth is combined and weighs 2.
+        fn topic(n: u8) -> String {
+            if n.is_multiple_of(4) {
+                format!("v2.t{n}?a&b")
+            } else {
+                format!("v2.t{n}")
+            }
+        }
+
+        struct Sim {
+            state: PoolState,
+            tasks: Map<ChannelKey, Phase>,
+            now: Instant,
+        }
+
+        impl Sim {
+            fn absorb(&mut self, effects: Effects) {
+                for key in spawned(&effects) {
+                    self.tasks.insert(key, Phase::Waiting);
+                }
+            }
+
+            fn pick(&self, n: u8) -> Option<ChannelKey> {
+                let keys: Vec<_> = self.tasks.keys().copied().collect();
+                (!keys.is_empty()).then(|| keys[n as usize % keys.len()])
+            }
+
+            /// One step of channel task `key`, as `channel.rs` would take it.
+            fn advance(&mut self, key: ChannelKey) {
+                let now = self.now;
+                let Some(assignment) = self.state.assignment(key) else {
+                    self.tasks.remove(&key);
+                    return;
+                };
+                let phase = self.tasks[&key];
+                if assignment.retire.is_some() && phase != Phase::Waiting {
+                    let effects = self.state.gone(key);
+                    self.absorb(effects);
+                    self.tasks.remove(&key);
+                    return;
+                }
+                match phase {
+                    Phase::Waiting => match self.state.grant_slot(key) {
+                        Grant::Granted => {
+                            self.tasks.insert(key, Phase::Slotted);
+                        }
+                        Grant::Gone => {
+                            let effects = self.state.gone(key);
+                            self.absorb(effects);
+                            self.tasks.remove(&key);
+                        }
+                        Grant::Wait => {}
+                    },
+                    Phase::Slotted => {
+                        self.state.socket_opened(
+                            key,
+                            &Arc::from(if key.is_multiple_of(2) { "a" } else { "b" }),
+                        );
+                        self.tasks.insert(key, Phase::Open);
+                    }
+                    Phase::Open | Phase::Live => {
+                        let topics = assignment.topics.into_keys().collect();
+                        let effects = self.state.synced(key, &topics, &BTreeSet::new(), now);
+                        self.absorb(effects);
+                        if phase == Phase::Open {
+                            let effects = self.state.went_live(key, now);
+                            self.absorb(effects);
+                            self.tasks.insert(key, Phase::Live);
+                        }
+                    }
+                }
+            }
+
+            fn apply(&mut self, step: &Step) {
+                let now = self.now;
+                match step {
+                    Step::Want(ns) => {
+                        let topics: Vec<String> = ns.iter().map(|n| topic(*n)).collect();
+                        let effects = self.state.want(&topics, now);
+                        self.absorb(effects);
+                    }
+                    Step::Release(ns) => {
+                        let topics: Vec<String> = ns.iter().map(|n| topic(*n)).collect();
+                        let effects = self.state.release(&topics, now);
+                        self.absorb(effects);
+                    }
+                    Step::Advance(n) => {
+                        if let Some(key) = self.pick(*n) {
+                            self.advance(key);
+                        }
+                    }
+                    Step::Lose(n) => {
+                        if let Some(key) = self.pick(*n)
+                            && self.tasks[&key] != Phase::Waiting
+                        {
+                            let effects = self.state.lost(key, now, SystemTime::UNIX_EPOCH);
+                            self.absorb(effects);
+                        }
+                    }
+                    Step::Refuse(n) => {
+                        if let Some(key) = self.pick(*n)
+                            && let Some(assignment) = self.state.assignment(key)
+                        {
+                            let batch: BTreeSet<String> = assignment
+                                .topics
+                                .into_iter()
+                                .filter(|(_, b)| b.is_some())
+                                .map(|(t, _)| t)
+                                .collect();
+                            let refusal = Refusal {
+                                status: 400,
+                                code: "bad.request".into(),
+                            };
+                            let effects = self.state.refused(key, &batch, refusal, now);
+                            self.absorb(effects);
+                        }
+                    }
+                    Step::Handover(n) => {
+                        if let Some(key) = self.pick(*n)
+                            && self.tasks[&key] == Phase::Live
+                        {
+                            let effects =
+                                self.state.begin_handover(key, HandoverReason::Expiry, now);
+                            self.absorb(effects);
+                        }
+                    }
+                    Step::Drain => {
+                        let effects = self.state.credentials_draining(&|c| c == "a", now);
+                        self.absorb(effects);
+                    }
+                    Step::Tick(ms) => {
+                        self.now += Duration::from_millis(u64::from(*ms));
+                        // Every live channel task looks at its idle clock a few times
+                        // per heartbeat; here, at every tick.
+                        let keys: Vec<_> = self.tasks.keys().copied().collect();
+                        for key in keys {
+                            self.state.idle_check(key, self.now);
+                        }
+                    }
+                    Step::Raise(by) => {
+                        let limits = self.state.limits();
+                        self.state.reload(Limits {
+                            max_channels: limits.max_channels + usize::from(*by),
+                            ..limits
+                        });
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Random interleavings of demand, channel progress, losses, refusals,
+            /// handovers, drains, time and reloads keep every invariant after every
+            /// step, and once the faults stop, every wanted topic is settled.
+            #[test]
+            fn every_invariant_holds_after_every_step(
+                max_channels in 2usize..5,
+                max_topics in 2usize..6,
+                steps in prop::collection::vec(step(), 1..120),
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+                runtime.block_on(async {
+                    let mut sim = Sim { state: PoolState::new(limits(max_channels, max_topics)), tasks: Map::new(), now: Instant::now() };
+                    for (i, step) in steps.iter().enumerate() {
+                        sim.apply(step);
+                        if let Err(broken) = sim.state.check(sim.now) {
+                            panic!("after step {i} ({step:?}): {broken}\n{:#?}", sim.state);
+                        }
+                    }
+                    // No more faults: channel tasks run until nothing changes.
+                    for _ in 0..200 {
+                        let keys: Vec<_> = sim.tasks.keys().copied().collect();
+                        for key in keys {
+                            sim.advance(key);
+                        }
+                        sim.state.check(sim.now).unwrap();
+                    }
+                    let wanted: Vec<String> = sim.state.topics.keys().cloned().collect();
+                    let pending: Vec<&String> = wanted.iter().zip(sim.state.outcomes(&wanted)).filter(|(_, o)| o.is_none()).map(|(t, _)| t).collect();
+                    assert!(pending.is_empty(), "still pending: {pending:?}\n{:#?}", sim.state);
+                });
+            }
+        }
     }
 }
