@@ -22,6 +22,8 @@ pub struct Admin {
     pub sessions: Arc<Sessions>,
     pub config: Arc<arc_swap::ArcSwap<crate::config::Config>>,
     pub shutdown: CancellationToken,
+    /// The proxy's tasks, counted for `/metrics` (a leak shows as growth).
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl Admin {
@@ -96,7 +98,13 @@ impl Admin {
         let count = |pred: fn(&crate::upstream::state::ChannelView) -> bool| {
             channels.iter().filter(|c| pred(c)).count() as u64
         };
-        let metrics: [(&str, &str, &str, u64); 14] = [
+        let metrics: [(&str, &str, &str, u64); 15] = [
+            (
+                "handover_tasks",
+                GAUGE,
+                "Tasks running: listeners and housekeeping, one per client socket, subscription change and upstream channel.",
+                self.tasks.len() as u64,
+            ),
             (
                 "handover_client_channels",
                 GAUGE,

@@ -19,7 +19,7 @@ use crate::http_server::{self, Request};
 use crate::router::Router;
 use crate::upstream::channel::{self, Parts};
 use crate::upstream::genesys::{Genesys, UpstreamError};
-use crate::upstream::pool::{self, IDLE_CHANNEL_TIMEOUT, Pool};
+use crate::upstream::pool::{self, Pool};
 
 /// How long shutdown waits for sockets and upstream tokens to be retired.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -88,7 +88,7 @@ impl Proxy {
         let config = Arc::new(ArcSwap::from_pointee(config));
         let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
         let pool = Pool::new(
-            pool::limits(&config.load(), IDLE_CHANNEL_TIMEOUT),
+            pool::limits(&config.load()),
             router.clone(),
             shutdown.clone(),
         );
@@ -116,6 +116,7 @@ impl Proxy {
             sessions: sessions.clone(),
             config: config.clone(),
             shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
         });
         tasks.spawn(http_server::serve(
             client_listener,
@@ -158,8 +159,7 @@ impl Proxy {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
-        let idle_timeout = self.pool.limits().idle_timeout;
-        self.pool.reload(pool::limits(&config, idle_timeout));
+        self.pool.reload(pool::limits(&config));
         self.config.store(Arc::new(config));
         let tokens = self.tokens.clone();
         self.pool
@@ -194,9 +194,11 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|error| StartError::Listen { addr, error })
 }
 
-/// Longer than an overlap plus the skew between two channels' deliveries.
+/// Longer than the longest an old channel keeps delivering after a switch (its
+/// overlap plus one heartbeat interval: see `Live::overlap`), which bounds the skew
+/// between the two copies of an event.
 fn dedup_window(config: &Config) -> Duration {
-    (config.handover.overlap * 2).max(Duration::from_secs(10))
+    ((config.handover.overlap + config.upstream.heartbeat) * 2).max(Duration::from_secs(10))
 }
 
 async fn close_idle_channels(

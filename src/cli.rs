@@ -47,6 +47,17 @@ enum Command {
     Demo,
     /// Run the fake Genesys Cloud (OAuth + notifications) alone, for tests and trials.
     MockGenesys(MockArgs),
+    /// Run the chaos soak: the fake, the proxy behind a chaos relay, churning and
+    /// stalling desktops, and every kind of fault at seeded random times; print the
+    /// invariant table; exit 0 only if every invariant held.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Seed of the fault schedule and the desktops' choices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -93,6 +104,7 @@ impl Cli {
             Command::Check { config } => check(&config).await,
             Command::Demo => crate::demo::run().await,
             Command::MockGenesys(args) => run_mock(args).await,
+            Command::Soak { duration, seed } => soak(duration, seed).await,
         }
     }
 }
@@ -137,6 +149,26 @@ async fn check(path: &Path) -> anyhow::Result<()> {
         token.credential,
         humantime::format_duration(token.lifetime)
     );
+    Ok(())
+}
+
+async fn soak(duration: Duration, seed: u64) -> anyhow::Result<()> {
+    let binary = std::env::current_exe().context("cannot find the handover binary")?;
+    let config = crate::soak::SoakConfig {
+        progress: true,
+        ..crate::soak::SoakConfig::new(binary, duration, seed)
+    };
+    println!(
+        "soak: {} with seed {seed}, {} desktops on {} topics, {} events/s",
+        humantime::format_duration(duration),
+        config.desktops,
+        config.topics,
+        config.rate
+    );
+    let report = crate::soak::run(config).await?;
+    print!("{}", report.table());
+    anyhow::ensure!(report.passed(), "an invariant was violated");
+    println!("every invariant held");
     Ok(())
 }
 

@@ -40,6 +40,8 @@ pub const MIN_MAX_CHANNELS: usize = 2;
 /// and silently evicts the oldest when a 21st is created. The budget is shared by all
 /// credential sets, and all of its channels may be pinned to the same one.
 pub const GENESYS_CHANNELS_PER_CLIENT: usize = 20;
+/// Default of `upstream.idle_channel_timeout`.
+pub const DEFAULT_IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default and upper bound of `upstream.max_topics_per_channel` (Genesys' limit).
 pub const MAX_TOPICS_PER_CHANNEL: usize = 1000;
 
@@ -129,6 +131,9 @@ pub struct UpstreamConfig {
     /// Genesys' heartbeat interval: an upstream socket silent this long is pinged,
     /// and rebuilt if it stays silent as long again.
     pub heartbeat: Duration,
+    /// How long a serving channel may carry no topic before it is retired (its token
+    /// too, freeing its slot); `> 0`.
+    pub idle_channel_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -137,6 +142,7 @@ impl Default for UpstreamConfig {
             max_channels: DEFAULT_MAX_CHANNELS,
             max_topics_per_channel: MAX_TOPICS_PER_CHANNEL,
             heartbeat: DEFAULT_HEARTBEAT,
+            idle_channel_timeout: DEFAULT_IDLE_CHANNEL_TIMEOUT,
         }
     }
 }
@@ -430,6 +436,8 @@ struct RawUpstream {
     max_topics_per_channel: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     heartbeat: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_channel_timeout: Option<Duration>,
 }
 
 /// A step of a key path: a table key or an array index.
@@ -847,12 +855,25 @@ impl Ctx<'_> {
     }
 
     fn upstream(&self, raw: Option<RawUpstream>) -> Result<UpstreamConfig, ConfigError> {
-        let (max_channels, max_topics, heartbeat) = raw.map_or((None, None, None), |raw| {
-            (raw.max_channels, raw.max_topics_per_channel, raw.heartbeat)
-        });
+        let (max_channels, max_topics, heartbeat, idle) =
+            raw.map_or((None, None, None, None), |raw| {
+                (
+                    raw.max_channels,
+                    raw.max_topics_per_channel,
+                    raw.heartbeat,
+                    raw.idle_channel_timeout,
+                )
+            });
         let heartbeat = heartbeat.unwrap_or(DEFAULT_HEARTBEAT);
         if heartbeat.is_zero() {
             return Err(self.error(&keys(&["upstream", "heartbeat"]), "must be longer than 0s"));
+        }
+        let idle_channel_timeout = idle.unwrap_or(DEFAULT_IDLE_CHANNEL_TIMEOUT);
+        if idle_channel_timeout.is_zero() {
+            return Err(self.error(
+                &keys(&["upstream", "idle_channel_timeout"]),
+                "must be longer than 0s",
+            ));
         }
         let max_channels = max_channels.unwrap_or(DEFAULT_MAX_CHANNELS);
         let channels_key = keys(&["upstream", "max_channels"]);
@@ -885,6 +906,7 @@ impl Ctx<'_> {
             max_channels,
             max_topics_per_channel,
             heartbeat,
+            idle_channel_timeout,
         })
     }
 

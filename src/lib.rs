@@ -18,6 +18,7 @@ pub mod http_server;
 pub mod mock;
 pub mod router;
 pub mod sim;
+pub mod soak;
 pub mod tls;
 pub mod topic;
 pub mod upstream;

@@ -54,14 +54,26 @@ impl Outbox {
     pub fn attach(&self) -> (u64, mpsc::Receiver<Utf8Bytes>, Option<SystemTime>) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        // Under the same lock as `unwritten_since`: a loss reported while a new
+        // socket attaches reaches exactly one of them.
+        let mut missed = self.missed_since.lock().unwrap_or_else(|p| p.into_inner());
         self.sender
             .store(Some(Arc::new(Attached { generation, tx })));
-        let missed_since = self
-            .missed_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        (generation, rx, missed_since)
+        (generation, rx, missed.take())
+    }
+
+    /// A socket went away with frames queued for it that it never wrote, perhaps since
+    /// `since`: the session's current socket (a newer one) hears of the gap now, or
+    /// else its next socket does. `gap` builds the notice.
+    pub fn unwritten_since(&self, since: SystemTime, gap: impl FnOnce(SystemTime) -> Utf8Bytes) {
+        let mut missed = self.missed_since.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.sender.load();
+        let told = current
+            .as_ref()
+            .is_some_and(|attached| attached.tx.try_send(gap(since)).is_ok());
+        if !told {
+            *missed = Some(missed.map_or(since, |m| m.min(since)));
+        }
     }
 
     fn missed(&self) {

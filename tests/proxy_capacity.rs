@@ -250,10 +250,9 @@ async fn a_login_storm_of_500_desktops_stays_inside_the_rate_limit() {
 
 #[tokio::test]
 async fn a_channel_left_without_topics_is_retired_and_its_slot_freed() {
-    let extra = "[upstream]\nheartbeat = \"400ms\"\n";
+    let extra = "[upstream]\nheartbeat = \"400ms\"\nidle_channel_timeout = \"1s\"\n";
     let (_fake, fake_api, proxy, client, _secrets) =
         world(Duration::from_secs(3600), Settings::default(), extra).await;
-    proxy.pool.set_idle_timeout(Duration::from_secs(1));
     let first = desktop(&client, &["v2.brief".to_owned()]).await;
     assert_eq!(
         fake_api.stats().await["clients"]["client-a"]["live_channels"],

@@ -70,9 +70,8 @@ async fn abandon(addr: std::net::SocketAddr, request: Vec<u8>, cut: usize, linge
 #[tokio::test]
 async fn abandoned_requests_leave_no_topic_channel_or_slot_behind() {
     let extra = "[server]\nlisten = \"127.0.0.1:0\"\nclient_idle = \"1s\"\n\
-                 [upstream]\nmax_channels = 4\nmax_topics_per_channel = 100\n";
+                 [upstream]\nmax_channels = 4\nmax_topics_per_channel = 100\nidle_channel_timeout = \"1s\"\n";
     let w = World::start(&[A], Duration::from_secs(3600), Settings::default(), extra).await;
-    w.proxy.pool.set_idle_timeout(Duration::from_secs(1));
     let bystander = desktop(&w.client, &["v2.bystander".to_owned()]).await;
     let addr = w.proxy.client_addr;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -440,4 +439,153 @@ async fn in_band_subscribes_are_answered_one_at_a_time_in_order() {
     }
     assert_eq!(answered, (0..40).collect::<Vec<_>>(), "in order");
     assert_eq!(w.proxy.router.topic_count(), 40);
+}
+
+/// The proxy behind a relay that can hold back its upstream sockets' bytes, with a
+/// desktop on two topics and a stream of 1000 events at 100/s.
+struct Relayed {
+    relay: handover::soak::relay::Relay,
+    proxy: handover::app::Proxy,
+    fake_api: Api,
+    desktops: Vec<Desktop>,
+    stream: u64,
+    topics: Vec<String>,
+    _fake: handover::mock::MockGenesys,
+    _secrets: Secrets,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+async fn relayed(heartbeat: &str) -> Relayed {
+    use handover::soak::relay::Relay;
+    let (tasks, shutdown) = (
+        tokio_util::task::TaskTracker::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = listener.local_addr().unwrap();
+    let (fake, fake_api) = start(MockConfig {
+        clients: vec![ClientSpec::new(
+            "client-a",
+            "secret-a",
+            Duration::from_secs(8),
+        )],
+        settings: Settings::default(),
+        socket_base: Some(format!("ws://{relay_addr}")),
+    })
+    .await;
+    let relay = Relay::start(listener, fake.addr(), &tasks, shutdown.clone()).unwrap();
+    let secrets = Secrets::new();
+    secrets.write("a", "secret-a");
+    let extra = format!(
+        "[handover]\nlead = \"3s\"\noverlap = \"200ms\"\n[upstream]\nheartbeat = \"{heartbeat}\"\n"
+    );
+    let config = proxy_config(&format!("http://{relay_addr}"), &secrets, &[A], &extra);
+    let (proxy, client, _admin) = start_proxy(config).await;
+    let topics = topics("v2.relayed", 2);
+    let desktops = vec![desktop(&client, &topics).await];
+    let stream = start_stream(&fake_api, &topics, 100.0, 1000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Relayed {
+        relay,
+        proxy,
+        fake_api,
+        desktops,
+        stream,
+        topics,
+        _fake: fake,
+        _secrets: secrets,
+        shutdown,
+    }
+}
+
+impl Relayed {
+    async fn handover(&self) {
+        within(Duration::from_secs(15), "a handover", || {
+            let done = self
+                .proxy
+                .pool
+                .handovers
+                .load(std::sync::atomic::Ordering::Relaxed);
+            async move { (done >= 1).then_some(()) }
+        })
+        .await;
+        stream_done(
+            &self.fake_api,
+            self.stream,
+            Instant::now() + Duration::from_secs(20),
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_lagging_old_socket_delivers_everything_across_a_handover() {
+    use handover::soak::relay::{Condition, Kind};
+    let r = relayed("30s").await;
+    // The serving channel's socket falls 1.5 s behind, far more than the overlap,
+    // until its handover (token expiry) has come and gone.
+    let held = r.relay.apply(
+        Kind::Socket,
+        Condition::Delayed(Duration::from_millis(1500)),
+        &mut |_| true,
+    );
+    assert_eq!(held.len(), 1);
+    r.handover().await;
+    let (lost, duplicated, unexpected) =
+        settle(&r.desktops, &|d| d.expected(r.stream, &r.topics, 1000)).await;
+    assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
+    assert!(r.desktops[0].log.lock().unwrap().gaps.is_empty());
+    r.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn an_old_socket_gone_silent_before_its_handover_is_announced_as_a_gap() {
+    use handover::soak::relay::{Condition, Kind};
+    let r = relayed("3s").await;
+    // When the serving channel's handover begins, its socket goes black (the oldest
+    // socket link is its own); the old socket never catches up.
+    within(Duration::from_secs(15), "a handover to begin", || {
+        let building = r
+            .proxy
+            .pool
+            .channels()
+            .iter()
+            .any(|c| matches!(c.role, Role::Successor { .. }));
+        async move { building.then_some(()) }
+    })
+    .await;
+    let held = r
+        .relay
+        .apply(Kind::Socket, Condition::Stalled, &mut |i| i == 0);
+    assert_eq!(held.len(), 1);
+    r.handover().await;
+    let desktop = &r.desktops[0];
+    let gap = within(Duration::from_secs(10), "a gap notice", || {
+        let log = desktop.log.clone();
+        async move { log.lock().unwrap().gaps.first().cloned() }
+    })
+    .await;
+    assert_eq!(
+        gap["eventBody"]["topics"].as_array().unwrap().len(),
+        2,
+        "{gap}"
+    );
+    // Every event is either received or was sent inside the announced gap.
+    let from = humantime::parse_rfc3339(gap["eventBody"]["from"].as_str().unwrap()).unwrap();
+    let to = humantime::parse_rfc3339(gap["eventBody"]["to"].as_str().unwrap()).unwrap();
+    let received = desktop.received();
+    let missing: Vec<u64> = (0..1000)
+        .filter(|seq| !received.contains_key(&(r.stream, *seq)))
+        .collect();
+    assert!(!missing.is_empty(), "the black hole swallowed something");
+    // The stream runs at 100/s from about `started`: event i left about i/100 s later.
+    let first_missing = missing[0];
+    let last_missing = missing[missing.len() - 1];
+    let span = Duration::from_millis((last_missing - first_missing) * 10);
+    assert!(
+        to.duration_since(from).unwrap() + Duration::from_secs(1) >= span,
+        "the gap {from:?}..{to:?} spans the {} missing events",
+        missing.len()
+    );
+    r.shutdown.cancel();
 }

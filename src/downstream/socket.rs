@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::sessions::{Change, ClientChannel, Sessions};
 use crate::frame;
+use crate::router::gap_frame;
 use crate::ws::ServerSocket;
 
 /// Most frames written before one flush, so that a burst costs few syscalls.
@@ -112,6 +113,10 @@ impl ClientSocket {
         heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut queued: VecDeque<(Option<Vec<String>>, Value)> = VecDeque::new();
         let mut in_progress: Option<Answer> = None;
+        // Frames queued after this may not have reached the client if the socket ends
+        // before the next successful write.
+        let mut written_until = SystemTime::now();
+        let mut write_failed = false;
         let end = loop {
             if in_progress.is_none()
                 && let Some((topics, correlation_id)) = queued.pop_front()
@@ -129,7 +134,11 @@ impl ClientSocket {
                         };
                     };
                     if !within_stall(write_batch(&mut socket, first, &mut outbox)).await {
+                        write_failed = true;
                         break End::Gone;
+                    }
+                    if outbox.is_empty() {
+                        written_until = SystemTime::now();
                     }
                 }
                 message = socket.next(), if reading => match message {
@@ -164,6 +173,15 @@ impl ClientSocket {
         };
         close(&mut socket, end).await;
         self.channel.outbox.detach(generation);
+        // Frames queued for this socket and never written are lost to it: the
+        // session hears of the gap (on its newer socket, or its next one).
+        if write_failed || !outbox.is_empty() {
+            let topics = self.channel.topics();
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            self.channel.outbox.unwritten_since(written_until, |since| {
+                gap_frame(since, SystemTime::now(), &topics)
+            });
+        }
         self.channel.socket_closed();
     }
 

@@ -606,8 +606,21 @@ impl Live {
         let (pool, parts, key) = (&task.pool, &task.parts, task.key);
         match ending {
             Ending::Retired { at_once } => {
-                if !at_once {
-                    self.overlap(task).await;
+                if !at_once && !self.overlap(task).await {
+                    // The old socket fell silent or too far behind to catch up: events
+                    // Genesys sent it before the successor was subscribed are lost.
+                    let since = SystemTime::now()
+                        .checked_sub(self.last_frame.elapsed())
+                        .unwrap_or_else(SystemTime::now);
+                    let topics: Vec<String> =
+                        self.subscriptions.applied().iter().cloned().collect();
+                    tracing::warn!(
+                        channel = format!("ch-{key}"),
+                        topics = topics.len(),
+                        outcome = "gap",
+                        "the replaced channel did not catch up after the switch: clients told of the gap"
+                    );
+                    parts.delivery.gap(&topics, since, SystemTime::now());
                 }
                 let _ = self.socket.close(None).await;
                 // Retire first, report closed after: once an operator sees a drained
@@ -633,31 +646,51 @@ impl Live {
         }
     }
 
-    /// Keeps routing events for the overlap after the switch, so that nothing in
-    /// flight on the old socket is lost.
-    async fn overlap(&mut self, task: &Task) {
+    /// Keeps routing events after the switch until the old socket has delivered what
+    /// Genesys queued on it before its successor was subscribed: a ping sent at the
+    /// switch is answered after those frames (a lagging socket, say under network
+    /// congestion, may hold seconds of them). At least `overlap`; at most `overlap`
+    /// plus one heartbeat interval. Returns whether the old socket caught up: if it did
+    /// not, what it still held is lost (and must be announced).
+    async fn overlap(&mut self, task: &Task) -> bool {
         let parts = &task.parts;
-        let until = bounds::after(parts.config.load().handover.overlap);
+        let (overlap, heartbeat) = {
+            let config = parts.config.load();
+            (config.handover.overlap, config.upstream.heartbeat)
+        };
+        let at_least = bounds::after(overlap);
+        let at_most = bounds::after(overlap.saturating_add(heartbeat));
+        if self.socket.send(Message::text(frame::PING)).await.is_err() {
+            return false;
+        }
+        let mut caught_up = false;
         loop {
+            let until = if caught_up { at_least } else { at_most };
             let message = tokio::select! {
                 message = self.socket.next() => message,
-                _ = tokio::time::sleep_until(until) => return,
-                _ = parts.shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(until) => return caught_up,
+                // Shutting down: the clients go too, nothing to announce.
+                _ = parts.shutdown.cancelled() => return true,
             };
             match message {
                 Some(Ok(Message::Text(text))) => {
-                    if let UpstreamFrame::Event {
-                        topic,
-                        correlation_id,
-                    } = frame::classify(&text)
-                    {
-                        parts
+                    self.last_frame = Instant::now();
+                    match frame::classify(&text) {
+                        UpstreamFrame::Event {
+                            topic,
+                            correlation_id,
+                        } => parts
                             .delivery
-                            .event(&topic, correlation_id.as_deref(), &text);
+                            .event(&topic, correlation_id.as_deref(), &text),
+                        UpstreamFrame::Pong => caught_up = true,
+                        _ => {}
                     }
                 }
-                Some(Ok(_)) => {}
-                _ => return,
+                Some(Ok(_)) => self.last_frame = Instant::now(),
+                _ => return caught_up,
+            }
+            if caught_up && Instant::now() >= at_least {
+                return true;
             }
         }
     }

@@ -27,10 +27,6 @@ use crate::config::Config;
 /// Starts the task that drives channel `key`.
 pub type Spawner = Box<dyn Fn(&Arc<Pool>, ChannelKey) + Send + Sync>;
 
-/// How long a serving channel with no topic is kept before it is retired. Keeping it
-/// that long keeps it warm for the next subscriber.
-pub const IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// How many completed handovers `recent_handovers` remembers.
 const RECENT_HANDOVERS: usize = 1000;
 
@@ -89,11 +85,11 @@ pub struct Pool {
 }
 
 /// The state's limits from a config.
-pub fn limits(config: &Config, idle_timeout: Duration) -> Limits {
+pub fn limits(config: &Config) -> Limits {
     Limits {
         max_channels: config.upstream.max_channels,
         max_topics: config.upstream.max_topics_per_channel,
-        idle_timeout,
+        idle_timeout: config.upstream.idle_channel_timeout,
     }
 }
 
@@ -374,16 +370,6 @@ impl Pool {
     /// Hand over break-before-make, so that tests can prove they see gaps.
     pub fn set_break_before_make(&self, on: bool) {
         self.shared().state.set_break_before_make(on);
-    }
-
-    /// How long a serving channel may carry no topic (a minute otherwise).
-    pub fn set_idle_timeout(&self, idle_timeout: Duration) {
-        let mut shared = self.shared();
-        let limits = Limits {
-            idle_timeout,
-            ..shared.state.limits()
-        };
-        shared.state.reload(limits);
     }
 
     /// Makes channel `key`'s task panic at its next wake-up, as a bug would.
