@@ -25,6 +25,10 @@ pub const GAP_SLACK: Duration = Duration::from_secs(1);
 pub const CAUSE_WINDOW: Duration = Duration::from_secs(5);
 /// Events sent this long before a desktop left may still have been in flight.
 pub const IN_FLIGHT: Duration = Duration::from_secs(1);
+/// How long the proxy may take to notice a loss and tell the clients (a black hole is
+/// noticed after two heartbeats of silence, then a channel is rebuilt): a desktop
+/// that left sooner after an unplanned fault could not have been told.
+pub const NOTICE_DELAY: Duration = Duration::from_secs(5);
 /// How long after a fault its recovery is looked for (a desktop that got nothing
 /// by then counts as recovering in this long).
 pub const HORIZON: Duration = Duration::from_secs(15);
@@ -59,6 +63,9 @@ pub struct Verdict {
     pub delivered: usize,
     pub lost: usize,
     pub covered_by_gaps: usize,
+    /// Missing for a desktop that left within [`NOTICE_DELAY`] of an unplanned fault,
+    /// before the proxy could have told it.
+    pub left_before_told: usize,
     pub duplicated: usize,
     pub gaps: usize,
     pub gaps_without_cause: usize,
@@ -125,14 +132,21 @@ pub fn judge(
                         );
                     }
                     None if covered(log, topic, event.sent) => verdict.covered_by_gaps += 1,
+                    None if left_before_told(log, faults, event.sent) => {
+                        verdict.left_before_told += 1;
+                    }
                     None => {
                         verdict.lost += 1;
                         example(
                             &mut verdict,
                             format!(
-                                "desktop {n}: event {} on {topic} sent at {} lost outside any gap notice",
+                                "desktop {n}: event {} on {topic} sent at {} lost outside any gap notice{}",
                                 event.seq,
-                                humantime::format_rfc3339_millis(event.sent)
+                                humantime::format_rfc3339_millis(event.sent),
+                                log.left_at.map_or(String::new(), |l| format!(
+                                    " (it left at {})",
+                                    humantime::format_rfc3339_millis(l)
+                                ))
                             ),
                         );
                     }
@@ -168,6 +182,21 @@ fn example(verdict: &mut Verdict, what: String) {
     if verdict.examples.len() < 10 {
         verdict.examples.push(what);
     }
+}
+
+/// Whether the desktop left so soon after an unplanned fault (no earlier than
+/// [`CAUSE_WINDOW`] before `sent`) that it could not have been told of the gap.
+fn left_before_told(log: &Log, faults: &[Fault], sent: SystemTime) -> bool {
+    let Some(left) = log.left_at else {
+        return false;
+    };
+    let earliest = sent.checked_sub(CAUSE_WINDOW).unwrap_or(sent);
+    faults.iter().any(|f| {
+        f.unplanned
+            && f.at >= earliest
+            && f.at <= left
+            && left.duration_since(f.at).unwrap_or_default() < NOTICE_DELAY
+    })
 }
 
 /// Whether a gap notice `log` received covers `topic` at `sent`.
@@ -349,6 +378,40 @@ mod tests {
             at(60),
         );
         assert_eq!(verdict.gaps_without_cause, 0, "its own socket closed");
+    }
+
+    #[test]
+    fn a_desktop_that_left_before_it_could_be_told_is_not_counted_as_lost() {
+        let events = published(&[(1, "v2.a", 10)]);
+        let topics = vec!["v2.a".to_string()];
+        let mut seen = log(&[]);
+        seen.left_at = Some(at(13));
+        let black_hole = Fault {
+            kind: "black hole",
+            at: at(10),
+            unplanned: true,
+        };
+        let verdict = judge(
+            &events,
+            &[Seen {
+                topics: &topics,
+                log: &seen,
+            }],
+            std::slice::from_ref(&black_hole),
+            at(60),
+        );
+        assert_eq!((verdict.lost, verdict.left_before_told), (0, 1));
+        seen.left_at = Some(at(30));
+        let verdict = judge(
+            &events,
+            &[Seen {
+                topics: &topics,
+                log: &seen,
+            }],
+            &[black_hole],
+            at(60),
+        );
+        assert_eq!(verdict.lost, 1, "it had time to be told");
     }
 
     #[test]

@@ -120,11 +120,11 @@ impl Report {
     /// The invariant table, and the faults injected.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{:<58} {:<40}", "invariant", "measured");
+        let _ = writeln!(out, "{:<52} {:<70}", "invariant", "measured");
         for row in &self.rows {
             let _ = writeln!(
                 out,
-                "{:<58} {:<40} {}",
+                "{:<52} {:<70} {}",
                 row.invariant,
                 row.measured,
                 if row.holds { "ok" } else { "VIOLATED" }
@@ -442,8 +442,12 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
         Row {
             invariant: "every event exactly once, outside announced gaps",
             measured: format!(
-                "{} expected, {} delivered, {} in gaps, {} lost",
-                verdict.expected, verdict.delivered, verdict.covered_by_gaps, verdict.lost
+                "{} expected, {} delivered, {} in gaps, {} left before told, {} lost",
+                verdict.expected,
+                verdict.delivered,
+                verdict.covered_by_gaps,
+                verdict.left_before_told,
+                verdict.lost
             ),
             holds: verdict.lost == 0 && verdict.expected > 0,
         },
