@@ -1,5 +1,6 @@
 //! Wiring: builds the parts from a config, serves the client and admin listeners,
-//! reloads, and shuts down through one `CancellationToken` and one `TaskTracker`.
+//! reloads, and stops: drains the client sockets, then shuts down through one
+//! `CancellationToken` and one `TaskTracker`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,13 +16,11 @@ use crate::auth::TokenSource;
 use crate::config::Config;
 use crate::downstream::Downstream;
 use crate::downstream::sessions::Sessions;
+use crate::drain::Drain;
 use crate::http_server::{self, Request};
 use crate::router::Router;
 use crate::upstream::genesys::{Genesys, UpstreamError};
 use crate::upstream::pool::Pool;
-
-/// How long shutdown waits for sockets and upstream tokens to be retired.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -42,6 +41,13 @@ pub struct Proxy {
     pub tokens: Arc<TokenSource>,
     pub router: Arc<Router>,
     config: Arc<ArcSwap<Config>>,
+    /// Cancelled when the stop begins: `/readyz` answers 503 from then on.
+    stopping: CancellationToken,
+    /// Cancelled after `drain_delay`: the client listener takes no new connections.
+    accepting: CancellationToken,
+    drain: Arc<Drain>,
+    /// Cancelled once the last client socket is gone (or the grace period is over):
+    /// channel tasks close their channels and retire their tokens.
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// The admin listener outlives the rest, so that `/readyz` answers 503 while the
@@ -80,6 +86,9 @@ impl Proxy {
             &config.genesys.api_url,
         )?);
         let shutdown = CancellationToken::new();
+        let accepting = shutdown.child_token();
+        let stopping = CancellationToken::new();
+        let drain = Arc::new(Drain::default());
         let tasks = TaskTracker::new();
         let router = Arc::new(Router::new(dedup_window(&config)));
         let heartbeat = config.server.heartbeat;
@@ -102,6 +111,7 @@ impl Proxy {
             heartbeat,
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
+            drain: drain.clone(),
         });
         let admin = Arc::new(Admin {
             tokens: tokens.clone(),
@@ -109,12 +119,12 @@ impl Proxy {
             router: router.clone(),
             sessions: sessions.clone(),
             config: config.clone(),
-            shutdown: shutdown.clone(),
+            shutdown: stopping.clone(),
         });
         tasks.spawn(http_server::serve(
             client_listener,
             move |req: Request| downstream.clone().handle(req),
-            shutdown.clone(),
+            accepting.clone(),
         ));
         let admin_stop = CancellationToken::new();
         let admin_server = tokio::spawn(http_server::serve(
@@ -136,6 +146,9 @@ impl Proxy {
             tokens,
             router,
             config,
+            stopping,
+            accepting,
+            drain,
             shutdown,
             tasks,
             admin_stop,
@@ -161,18 +174,39 @@ impl Proxy {
         self.config.load_full()
     }
 
-    /// Stops accepting clients, closes client sockets (1001), retires upstream
-    /// tokens, and waits for it all, at most for the grace period; `/readyz` answers
-    /// 503 meanwhile. The admin listener stops last.
+    /// Stops as a load balancer expects (timings from `[server]`): `/readyz` answers
+    /// 503 at once; the proxy keeps serving for `drain_delay` while endpoint removal
+    /// propagates; then it takes no new connections and closes the client sockets
+    /// (1012) one after the other over `drain_spread`; once the last is gone, its
+    /// channel tasks close their upstream channels and retire their tokens. All of it
+    /// within `shutdown_grace`. The admin listener stops last.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+        let config = self.config.load_full();
+        let server = &config.server;
+        self.stopping.cancel();
+        tracing::info!(
+            drain_delay = %humantime::format_duration(server.drain_delay),
+            drain_spread = %humantime::format_duration(server.drain_spread),
+            client_sockets = self.drain.open_sockets(),
+            "stopping: readiness is 503; client sockets close after the drain delay, over the drain spread"
+        );
+        let drained = async {
+            tokio::time::sleep(server.drain_delay).await;
+            self.accepting.cancel();
+            self.drain.begin(server.drain_spread);
+            self.drain.all_closed().await;
+            tracing::info!("every client socket is closed: closing the upstream channels");
+            self.shutdown.cancel();
+            self.tasks.close();
+            self.tasks.wait().await;
+        };
+        if tokio::time::timeout(server.shutdown_grace, drained)
             .await
             .is_err()
         {
             tracing::warn!("shutdown grace period over: exiting with tasks still running");
         }
+        self.shutdown.cancel();
         self.admin_stop.cancel();
         let _ = self.admin_server.await;
     }

@@ -31,7 +31,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy.
+    /// Run the proxy. SIGHUP reloads the config; SIGTERM or SIGINT drains and stops
+    /// (a second one stops at once).
     Serve {
         #[arg(long, value_name = "PATH")]
         config: PathBuf,
@@ -114,9 +115,14 @@ async fn serve(path: &Path) -> anyhow::Result<()> {
             },
         }
     }
-    tracing::info!("shutting down");
-    proxy.stop().await;
-    Ok(())
+    tokio::select! {
+        _ = proxy.stop() => Ok(()),
+        // An operator who does not want to wait for the drain says so twice.
+        _ = shutdown_signal() => {
+            tracing::warn!("second stop signal: stopping at once, without draining");
+            anyhow::bail!("stopped at once by a second signal")
+        }
+    }
 }
 
 async fn check(path: &Path) -> anyhow::Result<()> {

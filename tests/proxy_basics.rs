@@ -131,7 +131,13 @@ async fn readiness_answers_503_while_the_proxy_shuts_down() {
         client,
         admin,
         secrets: _secrets,
-    } = World::start(&[A], Duration::from_secs(3600), Settings::default(), "").await;
+    } = World::start(
+        &[A],
+        Duration::from_secs(3600),
+        Settings::default(),
+        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\ndrain_spread = \"0s\"\n",
+    )
+    .await;
     let desktop = desktop(&client, &["v2.bye".to_owned()]).await;
     assert_eq!(admin.get("/readyz").await.status, 200);
     // Make retiring the upstream token slow, so that shutdown takes a while.
@@ -151,8 +157,8 @@ async fn readiness_answers_503_while_the_proxy_shuts_down() {
     .await;
     assert_eq!(
         desktop.log.lock().unwrap().closed,
-        Some(Some(1001)),
-        "going away"
+        Some(Some(1012)),
+        "service restart: reconnect"
     );
     stopping.await.unwrap();
     let after = admin

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use super::sessions::{Change, ClientChannel, Sessions};
+use crate::drain::Drain;
 use crate::frame;
 use crate::ws::ServerSocket;
 
@@ -30,6 +31,7 @@ pub struct ClientSocket {
     pub heartbeat: Duration,
     pub shutdown: CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
+    pub drain: Arc<Drain>,
 }
 
 impl ClientSocket {
@@ -43,6 +45,10 @@ impl ClientSocket {
         let mut heartbeats =
             tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // When the proxy stops, this socket closes at its own turn within the drain.
+        let _open = self.drain.open_socket();
+        let drain_turn = self.drain.turn();
+        tokio::pin!(drain_turn);
         let close = loop {
             tokio::select! {
                 queued = outbox.recv() => {
@@ -75,6 +81,9 @@ impl ClientSocket {
                         break None;
                     }
                 }
+                // 1012 and not 1001: clients treat 1001 as a normal end and stop,
+                // 1012 as a failure to reconnect from (README, "Stopping").
+                _ = &mut drain_turn => break Some((CloseCode::Restart, "proxy restarting: reconnect")),
                 _ = self.shutdown.cancelled() => break Some((CloseCode::Away, "proxy shutting down")),
             }
         };

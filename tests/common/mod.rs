@@ -275,3 +275,4 @@ where
 }
 
 pub mod proxy;
+pub mod serve;
