@@ -1,6 +1,6 @@
 //! Wiring: builds the parts from a config, serves the client and admin listeners,
-//! reloads, and stops: drains the client sockets, then shuts down through one
-//! `CancellationToken` and one `TaskTracker`.
+//! mints a first token at start (readiness), reloads, and stops: drains the client
+//! sockets, then shuts down through one `CancellationToken` and one `TaskTracker`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,6 +95,11 @@ impl Proxy {
         let client_idle = config.server.client_idle;
         let config = Arc::new(ArcSwap::from_pointee(config));
         let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
+        tasks.spawn(first_mint(
+            tokens.clone(),
+            genesys.clone(),
+            shutdown.clone(),
+        ));
         let pool = Pool::new(
             genesys,
             tokens.clone(),
@@ -209,6 +214,21 @@ impl Proxy {
         self.shutdown.cancel();
         self.admin_stop.cancel();
         let _ = self.admin_server.await;
+    }
+}
+
+/// Mints one token as soon as the proxy starts, so that it turns ready without
+/// waiting for a desktop (a load balancer sends none to a proxy that is not ready).
+/// Retried with back-off until it succeeds; the token only proved that a credential
+/// works, so it is retired at once.
+async fn first_mint(tokens: Arc<TokenSource>, genesys: Arc<Genesys>, shutdown: CancellationToken) {
+    let Some(token) = tokens.mint_until_success(&shutdown).await else {
+        return;
+    };
+    tracing::info!(credential = %token.credential, "a token was minted: ready");
+    if let Err(error) = genesys.retire_token(&token.value).await {
+        // It expires by itself; it holds no channel, so no budget slot.
+        tracing::debug!(%error, "could not retire the first token");
     }
 }
 
