@@ -5,7 +5,6 @@ use clap::Parser;
 fn main() -> ExitCode {
     handover::install_crypto_provider();
     let cli = handover::cli::Cli::parse();
-    handover::cli::init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
