@@ -161,7 +161,10 @@ async fn probe(config: Option<&Path>, url: Option<&str>) -> anyhow::Result<()> {
         (None, Some(path)) => admin_readiness_url(Config::load(path)?.admin.listen)?,
         (None, None) => anyhow::bail!("pass --config PATH or --url URL (or set HANDOVER_CONFIG)"),
     };
+    // Our own TLS settings, as every client here: reqwest's default reads the system's
+    // CA store, and the image has none.
     let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::tls::http_client_config())
         .timeout(PROBE_TIMEOUT)
         .no_proxy()
         .build()?;
