@@ -14,7 +14,8 @@
 //!
 //! Options: `--quick` (under 2 minutes on 2 cores), `--clients N`, `--topics N`,
 //! `--rate EVENTS_PER_S`, `--seconds N`, `--fanout-rate EVENTS_PER_S` (default 500,
-//! to 1000 clients), `--proxy URL`, `--genesys URL`.
+//! to 1000 clients), `--proxy URL`, `--genesys URL`, `--proxy-pid PID` (the external
+//! proxy's process, for its CPU and memory: a container's from `docker inspect`).
 //! Output: a table on the terminal and `target/bench-report/` (load.json, SVG plots,
 //! index.html). Traffic goes to 127.0.0.1 only, and every phase ends by itself.
 
@@ -49,6 +50,7 @@ struct Args {
     fanout_rate: f64,
     proxy: Option<String>,
     genesys: Option<String>,
+    proxy_pid: Option<u32>,
 }
 
 impl Args {
@@ -82,6 +84,9 @@ impl Args {
             fanout_rate: number("--fanout-rate", 500.0)?,
             proxy: value("--proxy"),
             genesys: value("--genesys"),
+            proxy_pid: value("--proxy-pid")
+                .map(|v| v.parse().context("--proxy-pid takes a process id"))
+                .transpose()?,
         })
     }
 
@@ -165,8 +170,10 @@ async fn run() -> anyhow::Result<()> {
     paths.push(relay("direct", &args, &fake, &http, direct, Vec::new()).await?);
     let pids = proxy
         .as_ref()
-        .map(|p| vec![p.process.pid])
-        .unwrap_or_default();
+        .map(|p| p.process.pid)
+        .or(args.proxy_pid)
+        .into_iter()
+        .collect();
     paths.push(
         relay(
             "handover",

@@ -21,6 +21,7 @@ pub struct Admin {
     pub router: Arc<Router>,
     pub sessions: Arc<Sessions>,
     pub config: Arc<arc_swap::ArcSwap<crate::config::Config>>,
+    /// Cancelled when the stop begins (before the drain): `/readyz` answers 503.
     pub shutdown: CancellationToken,
     /// The proxy's tasks, counted for `/metrics` (a leak shows as growth).
     pub tasks: tokio_util::task::TaskTracker,

@@ -1,5 +1,6 @@
 //! Wiring: builds the parts from a config, serves the client and admin listeners,
-//! reloads, and shuts down through one `CancellationToken` and one `TaskTracker`.
+//! mints a first token at start (readiness), reloads, and stops: drains the client
+//! sockets, then shuts down through one `CancellationToken` and one `TaskTracker`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,14 +16,12 @@ use crate::auth::TokenSource;
 use crate::config::Config;
 use crate::downstream::Downstream;
 use crate::downstream::sessions::Sessions;
+use crate::drain::Drain;
 use crate::http_server::{self, Request};
 use crate::router::Router;
 use crate::upstream::channel::{self, Parts};
 use crate::upstream::genesys::{Genesys, UpstreamError};
 use crate::upstream::pool::{self, Pool};
-
-/// How long shutdown waits for sockets and upstream tokens to be retired.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -43,6 +42,13 @@ pub struct Proxy {
     pub tokens: Arc<TokenSource>,
     pub router: Arc<Router>,
     config: Arc<ArcSwap<Config>>,
+    /// Cancelled when the stop begins: `/readyz` answers 503 from then on.
+    stopping: CancellationToken,
+    /// Cancelled after `drain_delay`: the client listener takes no new connections.
+    accepting: CancellationToken,
+    drain: Arc<Drain>,
+    /// Cancelled once the last client socket is gone (or the grace period is over):
+    /// channel tasks close their channels and retire their tokens.
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// The admin listener outlives the rest, so that `/readyz` answers 503 while the
@@ -81,12 +87,20 @@ impl Proxy {
             &config.genesys.api_url,
         )?);
         let shutdown = CancellationToken::new();
+        let accepting = shutdown.child_token();
+        let stopping = CancellationToken::new();
+        let drain = Arc::new(Drain::default());
         let tasks = TaskTracker::new();
         let router = Arc::new(Router::new(dedup_window(&config)));
         let heartbeat = config.server.heartbeat;
         let client_idle = config.server.client_idle;
         let config = Arc::new(ArcSwap::from_pointee(config));
         let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
+        tasks.spawn(first_mint(
+            tokens.clone(),
+            genesys.clone(),
+            shutdown.clone(),
+        ));
         let pool = Pool::new(
             pool::limits(&config.load()),
             router.clone(),
@@ -108,6 +122,7 @@ impl Proxy {
             heartbeat,
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
+            drain: drain.clone(),
         });
         let admin = Arc::new(Admin {
             tokens: tokens.clone(),
@@ -115,13 +130,13 @@ impl Proxy {
             router: router.clone(),
             sessions: sessions.clone(),
             config: config.clone(),
-            shutdown: shutdown.clone(),
+            shutdown: stopping.clone(),
             tasks: tasks.clone(),
         });
         tasks.spawn(http_server::serve(
             client_listener,
             move |req: Request| downstream.clone().handle(req),
-            shutdown.clone(),
+            accepting.clone(),
         ));
         let admin_stop = CancellationToken::new();
         let admin_server = tokio::spawn(http_server::serve(
@@ -143,6 +158,9 @@ impl Proxy {
             tokens,
             router,
             config,
+            stopping,
+            accepting,
+            drain,
             shutdown,
             tasks,
             admin_stop,
@@ -171,20 +189,56 @@ impl Proxy {
         self.config.load_full()
     }
 
-    /// Stops accepting clients, closes client sockets (1001), retires upstream
-    /// tokens, and waits for it all, at most for the grace period; `/readyz` answers
-    /// 503 meanwhile. The admin listener stops last.
+    /// Stops as a load balancer expects (timings from `[server]`): `/readyz` answers
+    /// 503 at once; the proxy keeps serving for `drain_delay` while endpoint removal
+    /// propagates; then it takes no new connections and closes the client sockets
+    /// (1012) one after the other over `drain_spread`; once the last is gone, its
+    /// channel tasks close their upstream channels and retire their tokens. All of it
+    /// within `shutdown_grace`. The admin listener stops last.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+        let config = self.config.load_full();
+        let server = &config.server;
+        self.stopping.cancel();
+        tracing::info!(
+            drain_delay = %humantime::format_duration(server.drain_delay),
+            drain_spread = %humantime::format_duration(server.drain_spread),
+            client_sockets = self.drain.open_sockets(),
+            "stopping: readiness is 503; client sockets close after the drain delay, over the drain spread"
+        );
+        let drained = async {
+            tokio::time::sleep(server.drain_delay).await;
+            self.accepting.cancel();
+            self.drain.begin(server.drain_spread);
+            self.drain.all_closed().await;
+            tracing::info!("every client socket is closed: closing the upstream channels");
+            self.shutdown.cancel();
+            self.tasks.close();
+            self.tasks.wait().await;
+        };
+        if tokio::time::timeout(server.shutdown_grace, drained)
             .await
             .is_err()
         {
             tracing::warn!("shutdown grace period over: exiting with tasks still running");
         }
+        self.shutdown.cancel();
         self.admin_stop.cancel();
         let _ = self.admin_server.await;
+    }
+}
+
+/// Mints one token as soon as the proxy starts, so that it turns ready without
+/// waiting for a desktop (a load balancer sends none to a proxy that is not ready).
+/// Retried with back-off until it succeeds; the token only proved that a credential
+/// works, so it is retired at once.
+async fn first_mint(tokens: Arc<TokenSource>, genesys: Arc<Genesys>, shutdown: CancellationToken) {
+    let Some(token) = tokens.mint_until_success(&shutdown).await else {
+        return;
+    };
+    tracing::info!(credential = %token.credential, "a token was minted: ready");
+    if let Err(error) = genesys.retire_token(&token.value).await {
+        // It expires by itself; it holds no channel, so no budget slot.
+        tracing::debug!(%error, "could not retire the first token");
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Proxy;
 use crate::auth::TokenSource;
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::mock::{self, ClientSpec, MockConfig, ServiceTimes, Settings};
 use crate::upstream::genesys::Genesys;
 
@@ -31,15 +31,31 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy.
+    /// Run the proxy. SIGHUP reloads the config; SIGTERM or SIGINT drains and stops
+    /// (a second one stops at once).
     Serve {
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", env = "HANDOVER_CONFIG")]
         config: PathBuf,
+        /// Log lines as `text` (human-readable) or `json` (one object per line).
+        /// Default: `[log] format`, else text.
+        #[arg(long, value_name = "json|text")]
+        log_format: Option<LogFormat>,
     },
     /// Validate a config and try one token mint.
     Check {
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", env = "HANDOVER_CONFIG")]
         config: PathBuf,
+    },
+    /// Exit 0 if the proxy's admin listener answers 200 on /readyz (a container
+    /// health check: the image has no shell and no curl).
+    Probe {
+        /// The config of the proxy to ask: its `[admin] listen`.
+        #[arg(long, value_name = "PATH", env = "HANDOVER_CONFIG")]
+        config: Option<PathBuf>,
+        /// The admin listener's URL (`http://127.0.0.1:9090`) or its readiness URL;
+        /// wins over --config.
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
     },
     /// Run the fake Genesys Cloud, the proxy and simulated desktops in one process,
     /// rotating secrets on a schedule; exit 0 only if nothing was lost, duplicated or
@@ -98,19 +114,34 @@ fn parse_client(value: &str) -> Result<(String, String), String> {
 }
 
 impl Cli {
+    /// Runs the command; logging starts here, once `serve` knows its log format.
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Serve { config } => serve(&config).await,
-            Command::Check { config } => check(&config).await,
-            Command::Demo => crate::demo::run().await,
-            Command::MockGenesys(args) => run_mock(args).await,
-            Command::Soak { duration, seed } => soak(duration, seed).await,
+            Command::Serve { config, log_format } => serve(&config, log_format).await,
+            Command::Check { config } => {
+                init_tracing(LogFormat::Text);
+                check(&config).await
+            }
+            Command::Probe { config, url } => probe(config.as_deref(), url.as_deref()).await,
+            Command::Demo => {
+                init_tracing(LogFormat::Text);
+                crate::demo::run().await
+            }
+            Command::MockGenesys(args) => {
+                init_tracing(LogFormat::Text);
+                run_mock(args).await
+            }
+            Command::Soak { duration, seed } => {
+                init_tracing(LogFormat::Text);
+                soak(duration, seed).await
+            }
         }
     }
 }
 
-async fn serve(path: &Path) -> anyhow::Result<()> {
+async fn serve(path: &Path, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    init_tracing(log_format.unwrap_or(config.log.format));
     let proxy = Proxy::start(config).await?;
     println!(
         "listening on {}, admin on {}",
@@ -126,9 +157,75 @@ async fn serve(path: &Path) -> anyhow::Result<()> {
             },
         }
     }
-    tracing::info!("shutting down");
-    proxy.stop().await;
+    tokio::select! {
+        _ = proxy.stop() => Ok(()),
+        // An operator who does not want to wait for the drain says so twice.
+        _ = shutdown_signal() => {
+            tracing::warn!("second stop signal: stopping at once, without draining");
+            anyhow::bail!("stopped at once by a second signal")
+        }
+    }
+}
+
+/// How long `probe` waits for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn probe(config: Option<&Path>, url: Option<&str>) -> anyhow::Result<()> {
+    let url = match (url, config) {
+        (Some(url), _) => readiness_url(url)?,
+        (None, Some(path)) => admin_readiness_url(Config::load(path)?.admin.listen)?,
+        (None, None) => anyhow::bail!("pass --config PATH or --url URL (or set HANDOVER_CONFIG)"),
+    };
+    // Our own TLS settings, as every client here: reqwest's default reads the system's
+    // CA store, and the image has none.
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::tls::http_client_config())
+        .timeout(PROBE_TIMEOUT)
+        .no_proxy()
+        .build()?;
+    let response = http
+        .get(url.clone())
+        .send()
+        .await
+        .with_context(|| format!("{url}: no answer"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(
+        status == reqwest::StatusCode::OK,
+        "{url}: {status} {}",
+        body.trim()
+    );
+    println!("{url}: {}", body.trim());
     Ok(())
+}
+
+/// `--url`: the admin listener's base URL means its `/readyz`.
+fn readiness_url(given: &str) -> anyhow::Result<url::Url> {
+    let mut url = url::Url::parse(given).with_context(|| format!("--url {given:?}"))?;
+    anyhow::ensure!(
+        url.scheme() == "http",
+        "--url {given:?}: the admin listener speaks http://"
+    );
+    if url.path() == "/" {
+        url.set_path("/readyz");
+    }
+    Ok(url)
+}
+
+/// The admin listener's `/readyz` on the local host, from its `listen` address.
+fn admin_readiness_url(listen: SocketAddr) -> anyhow::Result<url::Url> {
+    anyhow::ensure!(
+        listen.port() != 0,
+        "admin.listen {listen} has port 0 (chosen at start): pass --url"
+    );
+    // A listener on every interface is reached on loopback.
+    let ip = match listen.ip() {
+        ip if !ip.is_unspecified() => ip,
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    let addr = SocketAddr::new(ip, listen.port());
+    Ok(url::Url::parse(&format!("http://{addr}/readyz"))?)
 }
 
 async fn check(path: &Path) -> anyhow::Result<()> {
@@ -231,12 +328,54 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`): human-readable lines, or
+/// one JSON object per line with the event's fields at the top level.
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_urls() {
+        let url = |given: &str| readiness_url(given).map(|u| u.to_string());
+        assert_eq!(
+            url("http://127.0.0.1:9090").unwrap(),
+            "http://127.0.0.1:9090/readyz"
+        );
+        assert_eq!(
+            url("http://10.0.0.1:9/readyz").unwrap(),
+            "http://10.0.0.1:9/readyz"
+        );
+        assert!(url("https://127.0.0.1:9090").is_err());
+        assert!(url("127.0.0.1:9090").is_err());
+        let admin =
+            |listen: &str| admin_readiness_url(listen.parse().unwrap()).map(|u| u.to_string());
+        assert_eq!(
+            admin("0.0.0.0:9090").unwrap(),
+            "http://127.0.0.1:9090/readyz"
+        );
+        assert_eq!(admin("[::]:9090").unwrap(), "http://[::1]:9090/readyz");
+        assert_eq!(
+            admin("10.1.2.3:9090").unwrap(),
+            "http://10.1.2.3:9090/readyz"
+        );
+        let message = admin("127.0.0.1:0").unwrap_err().to_string();
+        assert!(message.contains("--url"), "{message}");
+    }
 }

@@ -44,6 +44,13 @@ pub const GENESYS_CHANNELS_PER_CLIENT: usize = 20;
 pub const DEFAULT_IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default and upper bound of `upstream.max_topics_per_channel` (Genesys' limit).
 pub const MAX_TOPICS_PER_CHANNEL: usize = 1000;
+/// Default of `server.drain_delay`: long enough for a load balancer or Kubernetes to
+/// stop sending new desktops after readiness turns 503.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Default of `server.drain_spread`.
+pub const DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(10);
+/// Default of `server.shutdown_grace` (Kubernetes' default termination grace period).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------
 // The validated configuration
@@ -60,6 +67,7 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     pub handover: HandoverConfig,
     pub upstream: UpstreamConfig,
+    pub log: LogConfig,
 }
 
 /// `[server]`: the client-facing listener.
@@ -73,6 +81,12 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// How long a client channel outlives its last socket; `> 0`.
     pub client_idle: Duration,
+    /// After SIGTERM: readiness answers 503 and the proxy keeps serving this long.
+    pub drain_delay: Duration,
+    /// Then client sockets are closed one after the other, spread over this window.
+    pub drain_spread: Duration,
+    /// Upper bound of the whole stop; longer than `drain_delay + drain_spread`.
+    pub shutdown_grace: Duration,
 }
 
 /// `[admin]`: health, readiness, metrics and admin actions.
@@ -143,6 +157,36 @@ impl Default for UpstreamConfig {
             max_topics_per_channel: MAX_TOPICS_PER_CHANNEL,
             heartbeat: DEFAULT_HEARTBEAT,
             idle_channel_timeout: DEFAULT_IDLE_CHANNEL_TIMEOUT,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Overridden by `serve --log-format`.
+    pub format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("expected json or text, got {value:?}")),
         }
     }
 }
@@ -383,6 +427,7 @@ struct RawConfig {
     credentials: Option<Vec<RawCredential>>,
     handover: Option<RawHandover>,
     upstream: Option<RawUpstream>,
+    log: Option<RawLog>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +439,12 @@ struct RawServer {
     heartbeat: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     client_idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    drain_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    drain_spread: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_grace: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -427,6 +478,12 @@ struct RawHandover {
     lead: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     overlap: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [log] table")]
+struct RawLog {
+    format: Option<LogFormat>,
 }
 
 #[derive(Deserialize)]
@@ -642,6 +699,9 @@ impl Ctx<'_> {
         let credentials = self.credentials(raw.credentials.unwrap_or_default())?;
         let handover = self.handover(raw.handover)?;
         let upstream = self.upstream(raw.upstream)?;
+        let log = LogConfig {
+            format: raw.log.and_then(|log| log.format).unwrap_or_default(),
+        };
         Ok(Config {
             server,
             admin,
@@ -649,13 +709,14 @@ impl Ctx<'_> {
             credentials,
             handover,
             upstream,
+            log,
         })
     }
 
     fn server(&self, raw: RawServer) -> Result<ServerConfig, ConfigError> {
         let listen = self.socket_addr(&keys(&["server", "listen"]), &raw.listen)?;
-        let public_url = match raw.public_url {
-            Some(url) => self.url(&keys(&["server", "public_url"]), &url, &["ws", "wss"])?,
+        let public_url = match &raw.public_url {
+            Some(url) => self.url(&keys(&["server", "public_url"]), url, &["ws", "wss"])?,
             None => format!("ws://{listen}"),
         };
         let heartbeat = raw.heartbeat.unwrap_or(DEFAULT_HEARTBEAT);
@@ -677,12 +738,35 @@ impl Ctx<'_> {
         if client_idle.is_zero() {
             return Err(self.error(&keys(&["server", "client_idle"]), "must be longer than 0s"));
         }
+        let (drain_delay, drain_spread, shutdown_grace) = self.stop_timings(&raw)?;
         Ok(ServerConfig {
             listen,
             public_url,
             heartbeat,
             client_idle,
+            drain_delay,
+            drain_spread,
+            shutdown_grace,
         })
+    }
+
+    /// `drain_delay`, `drain_spread` (both may be 0s) and `shutdown_grace`, which must
+    /// leave room after them to close the upstream channels and retire their tokens.
+    fn stop_timings(&self, raw: &RawServer) -> Result<(Duration, Duration, Duration), ConfigError> {
+        let delay = raw.drain_delay.unwrap_or(DEFAULT_DRAIN_DELAY);
+        let spread = raw.drain_spread.unwrap_or(DEFAULT_DRAIN_SPREAD);
+        let grace = raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        if grace <= delay + spread {
+            return Err(self.error(
+                &keys(&["server", "shutdown_grace"]),
+                format!(
+                    "must be longer than server.drain_delay + server.drain_spread ({}): the drain must fit in it, got {}",
+                    show(delay + spread),
+                    show(grace)
+                ),
+            ));
+        }
+        Ok((delay, spread, grace))
     }
 
     fn genesys(&self, raw: RawGenesys) -> Result<GenesysConfig, ConfigError> {
@@ -1425,6 +1509,54 @@ client_secret = "inline-secret-value"
         std::fs::remove_file(&path).unwrap();
         let message = Config::load(&path).unwrap_err().to_string();
         assert!(message.contains(&path.display().to_string()), "{message}");
+    }
+
+    #[test]
+    fn stop_timings_and_log_format_default_and_parse() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.server.drain_delay, Duration::from_secs(5));
+        assert_eq!(config.server.drain_spread, Duration::from_secs(10));
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(config.log.format, LogFormat::Text);
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\ndrain_delay = \"0s\"\ndrain_spread = \"1m\"\nshutdown_grace = \"90s\"",
+        ) + "[log]\nformat = \"json\"\n";
+        let config = parse(&text).unwrap();
+        assert_eq!(config.server.drain_delay, Duration::ZERO);
+        assert_eq!(config.server.drain_spread, Duration::from_secs(60));
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(90));
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!("text".parse(), Ok(LogFormat::Text));
+        assert!("yaml".parse::<LogFormat>().is_err());
+    }
+
+    #[test]
+    fn the_drain_must_fit_in_the_shutdown_grace() {
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\ndrain_spread = \"30s\"",
+        );
+        assert_eq!(
+            error(&text),
+            "test.toml: server.shutdown_grace: must be longer than server.drain_delay + server.drain_spread (35s): the drain must fit in it, got 30s (line 2)"
+        );
+        let message = error(&format!("{MINIMAL}[log]\nformat = \"yaml\"\n"));
+        assert!(message.starts_with("test.toml: log.format: "), "{message}");
+        assert!(message.contains("json"), "{message}");
+        let message = error(&format!("{MINIMAL}[log]\nlevel = \"debug\"\n"));
+        assert!(
+            message.starts_with("test.toml: log.level: unknown field"),
+            "{message}"
+        );
+        let message = error(&MINIMAL.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\ndrain_delay = \"soon\"",
+        ));
+        assert!(
+            message.starts_with("test.toml: server.drain_delay: "),
+            "{message}"
+        );
     }
 
     #[test]

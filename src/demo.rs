@@ -290,6 +290,8 @@ fn demo_config(fake: &str, secrets: &SecretDir) -> String {
         r#"
 [server]
 listen = "127.0.0.1:0"
+# The demo's desktops are gone before it stops: nothing to drain.
+drain_delay = "0s"
 [admin]
 listen = "127.0.0.1:0"
 [genesys]

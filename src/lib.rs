@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod downstream;
+pub mod drain;
 pub mod frame;
 pub mod http_server;
 pub mod mock;

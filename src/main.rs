@@ -5,7 +5,6 @@ use clap::Parser;
 fn main() -> ExitCode {
     handover::install_crypto_provider();
     let cli = handover::cli::Cli::parse();
-    handover::cli::init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -13,7 +12,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli.run()) {
+    let result = runtime.block_on(cli.run());
+    // Whatever is still running is not waited for (a second stop signal means now).
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("handover: {error:#}");

@@ -2,8 +2,8 @@
 //! Node's `ws` report 1006 when a Close goes unanswered, and the common
 //! `on('close', code => code !== 1000 && reconnect())` then reconnects after every
 //! deliberate logout. A desktop's Close must be answered with a Close, and a close
-//! the proxy starts must reach the client with its code and reason. The fake's socket
-//! is held to the same rule.
+//! the proxy starts (1000 replaced, 1012 restarting, 1013 too slow) must reach the
+//! client with its code and reason. The fake's socket is held to the same rule.
 
 mod common;
 
@@ -128,8 +128,10 @@ async fn a_client_too_slow_to_read_is_closed_with_1013() {
 }
 
 #[tokio::test]
-async fn a_shutting_down_proxy_closes_with_1001() {
-    let w = world().await;
+async fn a_stopping_proxy_closes_with_1012_so_that_clients_reconnect() {
+    let extra =
+        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\ndrain_spread = \"500ms\"\n";
+    let w = World::start(&[A], Duration::from_secs(3600), Settings::default(), extra).await;
     let mut readers = Vec::new();
     for language in CLIENTS {
         let (_, uri) = proxy_channel(&w.client, &[]).await;
@@ -142,7 +144,7 @@ async fn a_shutting_down_proxy_closes_with_1001() {
     w.proxy.stop().await;
     for (language, reader) in readers {
         let report = reader.await.unwrap();
-        assert_eq!(report["code"], 1001, "{language}: {report}");
-        assert_eq!(report["reason"], "proxy shutting down");
+        assert_eq!(report["code"], 1012, "{language}: {report}");
+        assert_eq!(report["reason"], "proxy restarting: reconnect");
     }
 }

@@ -54,13 +54,15 @@ async fn topics_pack_onto_two_channels_keeping_the_third_free_and_overflow_is_re
             .map(|c| c.topics)
             .collect::<Vec<_>>()
     };
-    let mut topics_per_channel = serving(&proxy);
-    topics_per_channel.sort();
-    assert_eq!(
-        topics_per_channel,
-        vec![200, 1000],
-        "1200 topics on two channels"
-    );
+    // With 6-second tokens a channel may be between roles (handing over) at any given
+    // moment: wait until both serve.
+    let proxy_ref = &proxy;
+    wait_for("1200 topics on two serving channels", || async move {
+        let mut topics_per_channel = serving(proxy_ref);
+        topics_per_channel.sort();
+        (topics_per_channel == [200, 1000]).then_some(())
+    })
+    .await;
 
     // A desktop whose topics do not fit gets a clear error, and nothing of it stays.
     let created = client.post("/api/v2/notifications/channels").await;
@@ -168,9 +170,10 @@ async fn a_throttled_token_endpoint_is_backed_off_without_a_busy_loop_and_recove
     let throttled = fake_api.stats().await["counters"]["rejected_total"]
         .as_u64()
         .unwrap();
-    // Back-off from 250 ms doubling: a handful of attempts in 4 s, not hundreds.
+    // Back-off from 250 ms doubling: a handful of attempts in 4 s, not hundreds, for
+    // each of the two minters (the proxy's first mint at start, the channel's).
     assert!(
-        (2..=8).contains(&throttled),
+        (2..=16).contains(&throttled),
         "{throttled} token requests in 4 s"
     );
     let not_ready = admin.get("/readyz").await;

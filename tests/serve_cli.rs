@@ -23,7 +23,7 @@ fn handover() -> Command {
 
 fn config_text(fake: &str, secrets: &Secrets, with_b: bool) -> String {
     let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[genesys]\nlogin_url = \"{fake}\"\napi_url = \"{fake}\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_delay = \"1s\"\ndrain_spread = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[genesys]\nlogin_url = \"{fake}\"\napi_url = \"{fake}\"\n\
          [[credentials]]\nname = \"a\"\nclient_id = \"client-a\"\nclient_secret_file = \"{}\"\n",
         secrets.path("a").display()
     );

@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::drain::Drain;
 use crate::http_server::{self, Request, Response, json, query_param};
 use crate::router::gap_frame;
 use crate::ws;
@@ -31,6 +32,7 @@ pub struct Downstream {
     pub heartbeat: std::time::Duration,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
+    pub drain: Arc<Drain>,
 }
 
 impl Downstream {
@@ -203,6 +205,7 @@ impl Downstream {
             sessions: self.sessions.clone(),
             heartbeat: self.heartbeat,
             shutdown: self.shutdown.clone(),
+            drain: self.drain.clone(),
         };
         let sessions = self.sessions.clone();
         self.tasks.spawn(async move {

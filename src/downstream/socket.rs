@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use super::sessions::{Change, ClientChannel, Sessions};
+use crate::drain::Drain;
 use crate::frame;
 use crate::router::gap_frame;
 use crate::ws::ServerSocket;
@@ -48,6 +49,7 @@ pub struct ClientSocket {
     pub sessions: Arc<Sessions>,
     pub heartbeat: Duration,
     pub shutdown: CancellationToken,
+    pub drain: Arc<Drain>,
 }
 
 /// A text frame from a client, as far as the proxy cares.
@@ -117,6 +119,10 @@ impl ClientSocket {
         // before the next successful write.
         let mut written_until = SystemTime::now();
         let mut write_failed = false;
+        // When the proxy stops, this socket closes at its own turn within the drain.
+        let _open = self.drain.open_socket();
+        let drain_turn = self.drain.turn();
+        tokio::pin!(drain_turn);
         let end = loop {
             if in_progress.is_none()
                 && let Some((topics, correlation_id)) = queued.pop_front()
@@ -168,6 +174,9 @@ impl ClientSocket {
                         break End::Gone;
                     }
                 }
+                // 1012 and not 1001: clients treat 1001 as a normal end and stop,
+                // 1012 as a failure to reconnect from (README, "Stopping").
+                _ = &mut drain_turn => break End::Close(CloseCode::Restart, "proxy restarting: reconnect"),
                 _ = self.shutdown.cancelled() => break End::Close(CloseCode::Away, "proxy shutting down"),
             }
         };

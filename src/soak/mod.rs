@@ -283,7 +283,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
     chaos::write_secret(&secrets, "b", "b-0");
     let relay_url = format!("http://{relay_addr}");
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nclient_idle = \"3s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nclient_idle = \"3s\"\ndrain_delay = \"0s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [genesys]\nlogin_url = \"{relay_url}\"\napi_url = \"{relay_url}\"\n\
          [[credentials]]\nname = \"a\"\nclient_id = \"client-a\"\nclient_secret_file = \"{a}\"\n\
          [[credentials]]\nname = \"b\"\nclient_id = \"client-b\"\nclient_secret_file = \"{b}\"\n\

@@ -278,3 +278,4 @@ where
 pub mod clients;
 pub mod hostile;
 pub mod proxy;
+pub mod serve;
