@@ -17,10 +17,10 @@ use crate::config::Config;
 use crate::downstream::Downstream;
 use crate::downstream::sessions::Sessions;
 use crate::drain::Drain;
+use crate::genesys::{Genesys, UpstreamError};
 use crate::http_server::{self, Request};
 use crate::router::Router;
 use crate::upstream::channel::{self, Parts};
-use crate::upstream::genesys::{Genesys, UpstreamError};
 use crate::upstream::pool::{self, Pool};
 
 #[derive(Debug, thiserror::Error)]

@@ -14,16 +14,16 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Secret};
-use crate::upstream::genesys::{Genesys, UpstreamError};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::genesys::{Genesys, UpstreamError};
+use crate::secret::Secret;
 
 /// A rejected secret is tried again after this long even if its file did not change
 /// (a rejection can be a transient fault on Genesys' side).
 const REJECTION_RECHECK: Duration = Duration::from_secs(60);
 /// How often secret files are re-read while every secret is known to be refused.
 const SECRET_POLL: Duration = Duration::from_millis(200);
-const BACKOFF_FIRST: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A minted token, pinned to the one upstream channel it creates.
 #[derive(Clone)]
@@ -295,30 +295,4 @@ fn fingerprint(secret: &Secret) -> u64 {
     let mut hasher = DefaultHasher::new();
     secret.expose().hash(&mut hasher);
     hasher.finish()
-}
-
-/// Exponential back-off with "equal jitter": each wait is drawn from the upper half
-/// of a ceiling that doubles up to `BACKOFF_MAX`.
-pub struct Backoff {
-    ceiling: Duration,
-}
-
-impl Backoff {
-    pub fn new() -> Self {
-        Self {
-            ceiling: BACKOFF_FIRST,
-        }
-    }
-
-    pub fn next_wait(&mut self) -> Duration {
-        let wait = self.ceiling.mul_f64(rand::random_range(0.5..=1.0));
-        self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
-        wait
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
-    }
 }

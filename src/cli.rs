@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Proxy;
 use crate::auth::TokenSource;
 use crate::config::{Config, LogFormat};
+use crate::genesys::Genesys;
 use crate::mock::{self, ClientSpec, MockConfig, ServiceTimes, Settings};
-use crate::upstream::genesys::Genesys;
 
 #[derive(Parser)]
 #[command(

@@ -27,14 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Delivery;
-use super::genesys::{CreatedChannel, Genesys, UpstreamError, UpstreamSocket};
 use super::pool::{Pool, Report, Spawner};
 use super::state::{ChannelKey, HandoverReason, Role};
 use super::sync::{Plan, Subscriptions, Verdict};
-use crate::auth::{Backoff, Token, TokenSource};
+use crate::auth::{Token, TokenSource};
+use crate::backoff::Backoff;
 use crate::bounds;
 use crate::config::Config;
 use crate::frame::{self, UpstreamFrame};
+use crate::genesys::{CreatedChannel, Genesys, UpstreamError, UpstreamSocket};
 
 /// How long the first pong may take on a new socket.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);

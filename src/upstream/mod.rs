@@ -1,10 +1,9 @@
-//! The upstream side: Genesys Cloud calls (`genesys`), the pool's decisions as plain
-//! state (`state`), the pool that applies them within the budget (`pool`), a channel's
-//! subscription bookkeeping (`sync`), and the task that drives one channel through its
-//! life, handovers included (`channel`).
+//! The upstream side: the pool's decisions as plain state (`state`), the pool that
+//! applies them within the budget (`pool`), a channel's subscription bookkeeping
+//! (`sync`), and the task that drives one channel through its life, handovers
+//! included (`channel`). Genesys calls themselves are in `crate::genesys`.
 
 pub mod channel;
-pub mod genesys;
 pub mod pool;
 pub mod state;
 pub mod sync;

@@ -25,20 +25,13 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::time::Instant;
 
+pub use crate::genesys::Refusal;
 use crate::topic;
 
 pub type ChannelKey = u64;
 /// Topics placed by one call to [`PoolState::want`] (one subscription change's new
 /// topics): when Genesys refuses a change wholesale, a batch is what gets refused.
 pub type Batch = u64;
-
-/// What Genesys answered when it refused a subscription change as a whole.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    /// Genesys' error code (plain `[a-z0-9._-]`, never free text).
-    pub code: String,
-}
 
 /// How a topic's subscription ended up, for the requests waiting on it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,9 +17,17 @@ use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use super::state::Refusal;
 use crate::bounds;
-use crate::config::Secret;
+use crate::secret::Secret;
+
+/// What Genesys answered when it refused a request as a whole (any 4xx but 401, 404
+/// and 429): its status and code, which a client may be shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    /// Genesys' error code (plain `[a-z0-9._-]`, never free text).
+    pub code: String,
+}
 
 /// An upstream notification socket.
 pub type UpstreamSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -1,0 +1,521 @@
+//! The config contract: every key, default, bound and error message.
+
+use super::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const FULL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+public_url = "wss://proxy.example.com/"
+heartbeat = "20s"
+client_idle = "90s"
+
+[admin]
+listen = "127.0.0.1:9090"
+
+[genesys]
+region = "mypurecloud.de"
+
+[[credentials]]
+name = "primary"
+client_id = "id-a"
+client_secret_file = "/run/secrets/genesys/primary"
+
+[[credentials]]
+name = "secondary"
+client_id = "id-b"
+client_secret_env = "GENESYS_SECRET_B"
+
+[handover]
+lead = "4m"
+overlap = "3s"
+
+[upstream]
+max_channels = 6
+max_topics_per_channel = 500
+"#;
+
+const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[admin]
+listen = "127.0.0.1:9090"
+[genesys]
+region = "mypurecloud.com"
+[[credentials]]
+name = "primary"
+client_id = "id"
+client_secret = "inline-secret-value"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(text, "test.toml")
+}
+
+fn error(text: &str) -> String {
+    match parse(text) {
+        Ok(config) => panic!("expected an error, got {config:?}"),
+        Err(error) => error.to_string(),
+    }
+}
+
+fn temp_path(tag: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::env::temp_dir().join(format!(
+        "handover-config-test-{tag}-{}-{nanos}-{n}",
+        std::process::id()
+    ))
+}
+
+#[test]
+fn full_config_parses() {
+    let config = parse(FULL).unwrap();
+    assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(config.server.public_url, "wss://proxy.example.com");
+    assert_eq!(config.server.heartbeat, Duration::from_secs(20));
+    assert_eq!(config.server.client_idle, Duration::from_secs(90));
+    assert_eq!(config.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(config.genesys.login_url, "https://login.mypurecloud.de");
+    assert_eq!(config.genesys.api_url, "https://api.mypurecloud.de");
+    assert_eq!(config.credentials.len(), 2);
+    assert_eq!(config.credentials[0].name, "primary");
+    assert_eq!(config.credentials[0].client_id, "id-a");
+    assert_eq!(
+        config.credentials[0].secret,
+        SecretSource::File(PathBuf::from("/run/secrets/genesys/primary"))
+    );
+    assert_eq!(config.credentials[1].name, "secondary");
+    assert_eq!(
+        config.credentials[1].secret,
+        SecretSource::Env("GENESYS_SECRET_B".to_owned())
+    );
+    assert_eq!(config.handover.lead, Duration::from_secs(240));
+    assert_eq!(config.handover.overlap, Duration::from_secs(3));
+    assert_eq!(config.upstream.max_channels, 6);
+    assert_eq!(config.upstream.max_topics_per_channel, 500);
+}
+
+#[test]
+fn defaults_fill_in() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.server.public_url, "ws://127.0.0.1:8080");
+    assert_eq!(config.server.heartbeat, Duration::from_secs(30));
+    assert_eq!(config.server.client_idle, Duration::from_secs(60));
+    assert_eq!(config.handover, HandoverConfig::default());
+    assert_eq!(config.handover.lead, Duration::from_secs(300));
+    assert_eq!(config.handover.overlap, Duration::from_secs(2));
+    assert_eq!(config.upstream, UpstreamConfig::default());
+    assert_eq!(config.upstream.max_channels, 4);
+    assert_eq!(config.upstream.max_topics_per_channel, 1000);
+    assert_eq!(
+        config.credentials[0].secret,
+        SecretSource::Inline(Secret::from("inline-secret-value"))
+    );
+    // Parsing is deterministic, so reload diffs compare equal.
+    assert_eq!(config, parse(MINIMAL).unwrap());
+}
+
+#[test]
+fn ipv6_listen_gives_bracketed_default_public_url() {
+    let text = MINIMAL.replace("listen = \"127.0.0.1:8080\"", "listen = \"[::1]:8080\"");
+    assert_eq!(parse(&text).unwrap().server.public_url, "ws://[::1]:8080");
+}
+
+#[test]
+fn listeners_must_differ_unless_port_zero() {
+    let text = MINIMAL.replace("\"127.0.0.1:9090\"", "\"127.0.0.1:8080\"");
+    assert!(error(&text).starts_with("test.toml: admin.listen: must differ"));
+    let text = MINIMAL
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", "127.0.0.1:0");
+    assert_eq!(parse(&text).unwrap().admin.listen.port(), 0);
+}
+
+#[test]
+fn region_resolves_to_both_urls() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.genesys.login_url, "https://login.mypurecloud.com");
+    assert_eq!(config.genesys.api_url, "https://api.mypurecloud.com");
+}
+
+#[test]
+fn login_url_override_wins_over_region() {
+    let text = MINIMAL.replace(
+        "region = \"mypurecloud.com\"",
+        "region = \"mypurecloud.com\"\nlogin_url = \"http://127.0.0.1:9000/\"",
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.genesys.login_url, "http://127.0.0.1:9000");
+    assert_eq!(config.genesys.api_url, "https://api.mypurecloud.com");
+}
+
+#[test]
+fn api_url_override_wins_over_region() {
+    let text = MINIMAL.replace(
+        "region = \"mypurecloud.com\"",
+        "region = \"mypurecloud.com\"\napi_url = \"http://127.0.0.1:9001/gateway/\"",
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.genesys.login_url, "https://login.mypurecloud.com");
+    assert_eq!(config.genesys.api_url, "http://127.0.0.1:9001/gateway");
+}
+
+#[test]
+fn both_overrides_without_region() {
+    let text = MINIMAL.replace(
+        "region = \"mypurecloud.com\"",
+        "login_url = \"http://127.0.0.1:9000\"\napi_url = \"http://127.0.0.1:9000\"",
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.genesys.login_url, "http://127.0.0.1:9000");
+    assert_eq!(config.genesys.api_url, "http://127.0.0.1:9000");
+}
+
+#[test]
+fn one_override_without_region_is_refused() {
+    let text = MINIMAL.replace(
+        "region = \"mypurecloud.com\"",
+        "login_url = \"http://127.0.0.1:9000\"",
+    );
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: genesys.api_url: missing"),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_region_and_urls_are_refused() {
+    let text = MINIMAL.replace("\"mypurecloud.com\"", "\"https://mypurecloud.com\"");
+    let message = error(&text);
+    assert!(message.contains("genesys.region"), "{message}");
+    let text = MINIMAL.replace(
+        "region = \"mypurecloud.com\"",
+        "region = \"mypurecloud.com\"\napi_url = \"ftp://example.com\"",
+    );
+    let message = error(&text);
+    assert!(message.contains("genesys.api_url"), "{message}");
+    let text = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\npublic_url = \"http://example.com\"",
+    );
+    let message = error(&text);
+    assert!(message.contains("server.public_url"), "{message}");
+    let text = MINIMAL.replace(
+        "region = \"mypurecloud.com\"",
+        "region = \"mypurecloud.com\"\nlogin_url = \"https://user:hunter2@example.com\"",
+    );
+    let message = error(&text);
+    assert!(message.contains("genesys.login_url"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[test]
+fn unknown_key_is_refused_and_named() {
+    let text = format!("{MINIMAL}\n[upstream]\nmax_channel = 3\n");
+    let message = error(&text);
+    assert!(message.contains("max_channel"), "{message}");
+    assert!(
+        message.starts_with("test.toml: upstream.max_channel: "),
+        "{message}"
+    );
+    assert!(message.contains("(line 14)"), "{message}");
+}
+
+#[test]
+fn unknown_keys_at_every_level_are_named() {
+    let message = error(&format!("{MINIMAL}\n[upstreams]\nmax_channels = 3\n"));
+    assert!(message.starts_with("test.toml: upstreams: "), "{message}");
+    let text = MINIMAL.replace(
+        "client_id = \"id\"",
+        "client_id = \"id\"\nclient_secert = \"x\"",
+    );
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: credentials[0].client_secert: unknown field"),
+        "{message}"
+    );
+    let text = MINIMAL.replace("[admin]", "[admin]\nport = 9090");
+    let message = error(&text);
+    assert!(message.starts_with("test.toml: admin.port: "), "{message}");
+}
+
+#[test]
+fn wrong_types_and_missing_keys_name_the_key() {
+    let message = error(&format!("{MINIMAL}\n[upstream]\nmax_channels = \"four\"\n"));
+    assert!(
+        message.starts_with("test.toml: upstream.max_channels: "),
+        "{message}"
+    );
+    let message = error(&format!("{MINIMAL}\n[handover]\nlead = \"5 parsecs\"\n"));
+    assert!(message.contains("\"90s\""), "{message}");
+    let message = error(&format!("upstream = 3\n{MINIMAL}"));
+    assert!(message.starts_with("test.toml: upstream: "), "{message}");
+    assert!(
+        message.contains("expected an [upstream] table"),
+        "{message}"
+    );
+    let message = error(&format!("{MINIMAL}\n[handover]\nlead = \"5 parsecs\"\n"));
+    assert!(
+        message.starts_with("test.toml: handover.lead: "),
+        "{message}"
+    );
+    let text = MINIMAL.replace("client_id = \"id\"\n", "");
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: credentials[0]: "),
+        "{message}"
+    );
+    assert!(message.contains("client_id"), "{message}");
+    let text = MINIMAL.replace("[server]\nlisten = \"127.0.0.1:8080\"\n", "");
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: server: missing"),
+        "{message}"
+    );
+    let text = MINIMAL.replace("\"127.0.0.1:9090\"", "\"localhost:9090\"");
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: admin.listen: "),
+        "{message}"
+    );
+}
+
+#[test]
+fn syntax_error_names_file_and_line() {
+    let message = error("[server]\nlisten = \n");
+    assert!(
+        message.starts_with("test.toml: line 2, column"),
+        "{message}"
+    );
+}
+
+#[test]
+fn max_channels_one_is_refused() {
+    let message = error(&format!("{MINIMAL}\n[upstream]\nmax_channels = 1\n"));
+    assert_eq!(
+        message,
+        "test.toml: upstream.max_channels: must be at least 2 (one slot is kept free for handovers), got 1 (line 14)"
+    );
+    let message = error(&format!("{MINIMAL}\n[upstream]\nmax_channels = 21\n"));
+    assert!(message.contains("upstream.max_channels"), "{message}");
+    let message = error(&format!(
+        "{MINIMAL}\n[upstream]\nmax_topics_per_channel = 0\n"
+    ));
+    assert!(
+        message.contains("upstream.max_topics_per_channel"),
+        "{message}"
+    );
+    let message = error(&format!(
+        "{MINIMAL}\n[upstream]\nmax_topics_per_channel = 1001\n"
+    ));
+    assert!(
+        message.contains("upstream.max_topics_per_channel"),
+        "{message}"
+    );
+}
+
+#[test]
+fn durations_are_bounded() {
+    let message = error(&MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nheartbeat = \"31s\"",
+    ));
+    assert!(message.contains("server.heartbeat"), "{message}");
+    let message = error(&MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nheartbeat = \"0s\"",
+    ));
+    assert!(message.contains("server.heartbeat"), "{message}");
+    let message = error(&format!(
+        "{MINIMAL}\n[handover]\nlead = \"1s\"\noverlap = \"2s\"\n"
+    ));
+    assert!(message.contains("handover.overlap"), "{message}");
+}
+
+#[test]
+fn zero_secret_sources_are_refused() {
+    let text = MINIMAL.replace("client_secret = \"inline-secret-value\"\n", "");
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: credentials[0]: missing secret"),
+        "{message}"
+    );
+}
+
+#[test]
+fn two_secret_sources_are_refused() {
+    let text = MINIMAL.replace(
+        "client_secret = \"inline-secret-value\"",
+        "client_secret = \"inline-secret-value\"\nclient_secret_file = \"/tmp/x\"",
+    );
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: credentials[0].client_secret: only one secret source"),
+        "{message}"
+    );
+    assert!(message.contains("client_secret_file"), "{message}");
+    assert!(!message.contains("inline-secret-value"), "{message}");
+}
+
+#[test]
+fn non_string_inline_secret_is_not_echoed() {
+    let text = MINIMAL.replace("\"inline-secret-value\"", "987654321");
+    let message = error(&text);
+    assert!(
+        message.contains("credentials[0].client_secret"),
+        "{message}"
+    );
+    assert!(!message.contains("987654321"), "{message}");
+}
+
+#[test]
+fn duplicate_credential_names_are_refused() {
+    let text = format!(
+        "{MINIMAL}\n[[credentials]]\nname = \"primary\"\nclient_id = \"other\"\nclient_secret_env = \"X\"\n"
+    );
+    let message = error(&text);
+    assert!(
+        message.starts_with("test.toml: credentials[1].name: duplicate"),
+        "{message}"
+    );
+    assert!(message.contains("primary"), "{message}");
+}
+
+#[test]
+fn credential_names_must_be_url_safe() {
+    let text = MINIMAL.replace("name = \"primary\"", "name = \"a/b\"");
+    let message = error(&text);
+    assert!(message.contains("credentials[0].name"), "{message}");
+    let text = MINIMAL.replace("name = \"primary\"", "name = \"\"");
+    assert!(error(&text).contains("credentials[0].name"));
+}
+
+#[test]
+fn no_credentials_are_refused() {
+    let end = MINIMAL.find("[[credentials]]").unwrap();
+    let message = error(&MINIMAL[..end]);
+    assert!(
+        message.starts_with("test.toml: credentials: missing"),
+        "{message}"
+    );
+}
+
+#[test]
+fn secret_file_is_trimmed_and_reread() {
+    let path = temp_path("reread");
+    std::fs::write(&path, "  first-secret\n").unwrap();
+    let source = SecretSource::File(path.clone());
+    assert_eq!(source.read().unwrap().expose(), "first-secret");
+    std::fs::write(&path, "\tsecond-secret \r\n").unwrap();
+    assert_eq!(source.read().unwrap().expose(), "second-secret");
+    std::fs::write(&path, " \n").unwrap();
+    let message = source.read().unwrap_err().to_string();
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn missing_secret_file_error_names_the_path() {
+    let path = temp_path("missing");
+    let error = SecretSource::File(path.clone()).read().unwrap_err();
+    assert!(matches!(error, SecretError::ReadFile { .. }));
+    let message = error.to_string();
+    assert!(message.contains(&path.display().to_string()), "{message}");
+}
+
+#[test]
+fn env_secret_errors_name_the_variable() {
+    // A name no one sets; reading the environment is safe alongside other tests.
+    let name = format!("HANDOVER_CONFIG_TEST_UNSET_{}", std::process::id());
+    let message = SecretSource::Env(name.clone())
+        .read()
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains(&name), "{message}");
+}
+
+#[test]
+fn inline_secret_reads_and_is_redacted() {
+    let config = parse(MINIMAL).unwrap();
+    let secret = config.credentials[0].secret.read().unwrap();
+    assert_eq!(secret.expose(), "inline-secret-value");
+    assert_eq!(format!("{secret}"), "<redacted>");
+    assert_eq!(format!("{secret:?}"), "<redacted>");
+    let debug = format!("{config:?} {config:#?}");
+    assert!(!debug.contains("inline-secret-value"), "{debug}");
+    assert!(debug.contains("<redacted>"), "{debug}");
+}
+
+#[test]
+fn load_reads_a_file_and_names_it_in_errors() {
+    let path = temp_path("load");
+    std::fs::write(&path, MINIMAL).unwrap();
+    let config = Config::load(&path).unwrap();
+    assert_eq!(config.credentials[0].name, "primary");
+    std::fs::write(&path, format!("{MINIMAL}\n[upstream]\nmax_channels = 1\n")).unwrap();
+    let message = Config::load(&path).unwrap_err().to_string();
+    assert!(message.starts_with(&format!("{}: upstream.max_channels", path.display())));
+    std::fs::remove_file(&path).unwrap();
+    let message = Config::load(&path).unwrap_err().to_string();
+    assert!(message.contains(&path.display().to_string()), "{message}");
+}
+
+#[test]
+fn stop_timings_and_log_format_default_and_parse() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.server.drain_delay, Duration::from_secs(5));
+    assert_eq!(config.server.drain_spread, Duration::from_secs(10));
+    assert_eq!(config.server.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(config.log.format, LogFormat::Text);
+    let text = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\ndrain_delay = \"0s\"\ndrain_spread = \"1m\"\nshutdown_grace = \"90s\"",
+    ) + "[log]\nformat = \"json\"\n";
+    let config = parse(&text).unwrap();
+    assert_eq!(config.server.drain_delay, Duration::ZERO);
+    assert_eq!(config.server.drain_spread, Duration::from_secs(60));
+    assert_eq!(config.server.shutdown_grace, Duration::from_secs(90));
+    assert_eq!(config.log.format, LogFormat::Json);
+    assert_eq!("text".parse(), Ok(LogFormat::Text));
+    assert!("yaml".parse::<LogFormat>().is_err());
+}
+
+#[test]
+fn the_drain_must_fit_in_the_shutdown_grace() {
+    let text = MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\ndrain_spread = \"30s\"",
+    );
+    assert_eq!(
+        error(&text),
+        "test.toml: server.shutdown_grace: must be longer than server.drain_delay + server.drain_spread (35s): the drain must fit in it, got 30s (line 2)"
+    );
+    let message = error(&format!("{MINIMAL}[log]\nformat = \"yaml\"\n"));
+    assert!(message.starts_with("test.toml: log.format: "), "{message}");
+    assert!(message.contains("json"), "{message}");
+    let message = error(&format!("{MINIMAL}[log]\nlevel = \"debug\"\n"));
+    assert!(
+        message.starts_with("test.toml: log.level: unknown field"),
+        "{message}"
+    );
+    let message = error(&MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\ndrain_delay = \"soon\"",
+    ));
+    assert!(
+        message.starts_with("test.toml: server.drain_delay: "),
+        "{message}"
+    );
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/handover.toml");
+    let config = Config::load(&path).unwrap();
+    assert_eq!(config.credentials[0].name, "primary");
+}

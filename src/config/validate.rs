@@ -1,0 +1,491 @@
+//! From the document as written to a [`Config`]: defaults filled in, bounds checked,
+//! Genesys URLs derived from the region. Every error names the key and, from the
+//! value's span, its line.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::locate::line_column;
+use super::raw::{
+    Dur, RawConfig, RawCredential, RawGenesys, RawHandover, RawServer, RawUpstream, Value,
+};
+use super::*;
+
+/// Where the text is, for errors.
+pub(super) struct Ctx<'a> {
+    pub origin: &'a str,
+    pub text: &'a str,
+}
+
+fn span<T>(value: &Value<T>) -> Option<Range<usize>> {
+    value.as_ref().map(Spanned::span)
+}
+
+/// A duration as given, or its default.
+fn duration(value: &Value<Dur>, default: Duration) -> Duration {
+    value.as_ref().map_or(default, |d| d.get_ref().0)
+}
+
+fn show(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(duration)
+}
+
+impl Ctx<'_> {
+    fn error(
+        &self,
+        key: impl Into<String>,
+        at: Option<Range<usize>>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            key: key.into(),
+            line: at.map(|span| line_column(self.text, span.start).0),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let missing = |section: &str| {
+            self.error(
+                section,
+                None,
+                format!("missing: the [{section}] table is required"),
+            )
+        };
+        let server = raw.server.ok_or_else(|| missing("server"))?;
+        let admin = raw.admin.ok_or_else(|| missing("admin"))?;
+        let genesys = raw.genesys.ok_or_else(|| missing("genesys"))?;
+
+        let server_at = server.span();
+        let server = self.server(server.into_inner(), server_at)?;
+        let admin_listen = &admin.get_ref().listen;
+        let admin = AdminConfig {
+            listen: self.socket_addr("admin.listen", admin_listen)?,
+        };
+        // Port 0 (tests) binds a fresh port each time, so equal addresses do not clash.
+        if admin.listen == server.listen && admin.listen.port() != 0 {
+            return Err(self.error(
+                "admin.listen",
+                Some(admin_listen.span()),
+                format!(
+                    "must differ from server.listen ({}): the admin listener is never on the client port",
+                    server.listen
+                ),
+            ));
+        }
+        let genesys_span = genesys.span();
+        let genesys = self.genesys(genesys.into_inner(), genesys_span)?;
+        let credentials = self.credentials(raw.credentials)?;
+        let handover = self.handover(raw.handover)?;
+        let upstream = self.upstream(raw.upstream)?;
+        let log = LogConfig {
+            format: raw
+                .log
+                .and_then(|log| log.into_inner().format)
+                .unwrap_or_default(),
+        };
+        Ok(Config {
+            server,
+            admin,
+            genesys,
+            credentials,
+            handover,
+            upstream,
+            log,
+        })
+    }
+
+    fn server(&self, raw: RawServer, at: Range<usize>) -> Result<ServerConfig, ConfigError> {
+        let listen = self.socket_addr("server.listen", &raw.listen)?;
+        let public_url = match &raw.public_url {
+            Some(url) => self.url("server.public_url", url, &["ws", "wss"])?,
+            None => format!("ws://{listen}"),
+        };
+        let heartbeat = duration(&raw.heartbeat, DEFAULT_HEARTBEAT);
+        if heartbeat.is_zero() {
+            return Err(self.error(
+                "server.heartbeat",
+                span(&raw.heartbeat),
+                "must be longer than 0s",
+            ));
+        }
+        if heartbeat > MAX_HEARTBEAT {
+            return Err(self.error(
+                "server.heartbeat",
+                span(&raw.heartbeat),
+                format!(
+                    "must be at most {} (clients expect a heartbeat every 30s at the latest), got {}",
+                    show(MAX_HEARTBEAT),
+                    show(heartbeat)
+                ),
+            ));
+        }
+        let client_idle = duration(&raw.client_idle, DEFAULT_CLIENT_IDLE);
+        if client_idle.is_zero() {
+            return Err(self.error(
+                "server.client_idle",
+                span(&raw.client_idle),
+                "must be longer than 0s",
+            ));
+        }
+        let (drain_delay, drain_spread, shutdown_grace) = self.stop_timings(&raw, at)?;
+        Ok(ServerConfig {
+            listen,
+            public_url,
+            heartbeat,
+            client_idle,
+            drain_delay,
+            drain_spread,
+            shutdown_grace,
+        })
+    }
+
+    /// `drain_delay`, `drain_spread` (both may be 0s) and `shutdown_grace`, which must
+    /// leave room after them to close the upstream channels and retire their tokens.
+    fn stop_timings(
+        &self,
+        raw: &RawServer,
+        table: Range<usize>,
+    ) -> Result<(Duration, Duration, Duration), ConfigError> {
+        let delay = duration(&raw.drain_delay, DEFAULT_DRAIN_DELAY);
+        let spread = duration(&raw.drain_spread, DEFAULT_DRAIN_SPREAD);
+        let grace = duration(&raw.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        if grace <= delay + spread {
+            return Err(self.error(
+                "server.shutdown_grace",
+                span(&raw.shutdown_grace).or(Some(table)),
+                format!(
+                    "must be longer than server.drain_delay + server.drain_spread ({}): the drain must fit in it, got {}",
+                    show(delay + spread),
+                    show(grace)
+                ),
+            ));
+        }
+        Ok((delay, spread, grace))
+    }
+
+    fn genesys(&self, raw: RawGenesys, at: Range<usize>) -> Result<GenesysConfig, ConfigError> {
+        let region = match &raw.region {
+            Some(region) => Some(self.region(region)?),
+            None => None,
+        };
+        let resolve = |key: &str, given: &Value<String>, host: &str| match (given, &region) {
+            (Some(url), _) => self.url(&format!("genesys.{key}"), url, &["http", "https"]),
+            (None, Some(region)) => Ok(format!("https://{host}.{region}")),
+            (None, None) => Err(self.error(
+                format!("genesys.{key}"),
+                Some(at.clone()),
+                "missing: set genesys.region, or both genesys.login_url and genesys.api_url",
+            )),
+        };
+        let login_url = resolve("login_url", &raw.login_url, "login")?;
+        let api_url = resolve("api_url", &raw.api_url, "api")?;
+        Ok(GenesysConfig { login_url, api_url })
+    }
+
+    fn region(&self, region: &Spanned<String>) -> Result<String, ConfigError> {
+        let valid_label = |label: &str| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        let trimmed = region.get_ref().trim();
+        if trimmed.is_empty() || !trimmed.split('.').all(valid_label) {
+            return Err(self.error(
+                "genesys.region",
+                Some(region.span()),
+                format!(
+                    "expected a Genesys Cloud domain such as \"mypurecloud.com\" or \"mypurecloud.de\", without scheme or path, got {:?}",
+                    region.get_ref()
+                ),
+            ));
+        }
+        Ok(trimmed.to_ascii_lowercase())
+    }
+
+    fn credentials(
+        &self,
+        raw: Value<Vec<Spanned<RawCredential>>>,
+    ) -> Result<Vec<CredentialConfig>, ConfigError> {
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        if raw.is_empty() {
+            return Err(self.error(
+                "credentials",
+                None,
+                "missing: at least one [[credentials]] entry is required",
+            ));
+        }
+        let mut out: Vec<CredentialConfig> = Vec::with_capacity(raw.len());
+        for (index, entry) in raw.into_iter().enumerate() {
+            let at = entry.span();
+            let entry = entry.into_inner();
+            let key = |name: &str| format!("credentials[{index}].{name}");
+            let name = entry.name.get_ref().clone();
+            let url_safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if name.is_empty() || !name.chars().all(url_safe) {
+                return Err(self.error(
+                    key("name"),
+                    Some(entry.name.span()),
+                    format!(
+                        "must be non-empty and URL-safe (letters, digits, '.', '_', '-'), got {name:?}"
+                    ),
+                ));
+            }
+            if let Some(first) = out.iter().position(|other| other.name == name) {
+                return Err(self.error(
+                    key("name"),
+                    Some(entry.name.span()),
+                    format!("duplicate name {name:?} (also credentials[{first}].name)"),
+                ));
+            }
+            let client_id = entry.client_id.get_ref().trim();
+            if client_id.is_empty() {
+                return Err(self.error(
+                    key("client_id"),
+                    Some(entry.client_id.span()),
+                    "must not be empty",
+                ));
+            }
+            let secret = self.secret_source(index, at, &entry)?;
+            out.push(CredentialConfig {
+                name,
+                client_id: client_id.to_owned(),
+                secret,
+            });
+        }
+        Ok(out)
+    }
+
+    fn secret_source(
+        &self,
+        index: usize,
+        at: Range<usize>,
+        entry: &RawCredential,
+    ) -> Result<SecretSource, ConfigError> {
+        let key = |name: &str| format!("credentials[{index}].{name}");
+        let given: Vec<(&str, Option<Range<usize>>)> = [
+            ("client_secret_file", span(&entry.client_secret_file)),
+            ("client_secret_env", span(&entry.client_secret_env)),
+            ("client_secret", span(&entry.client_secret)),
+        ]
+        .into_iter()
+        .filter(|(_, at)| at.is_some())
+        .collect();
+        match given.as_slice() {
+            [] => {
+                return Err(self.error(
+                    format!("credentials[{index}]"),
+                    Some(at),
+                    "missing secret: set exactly one of client_secret_file, client_secret_env, client_secret",
+                ));
+            }
+            [_] => {}
+            [_, (second, second_at), ..] => {
+                let names: Vec<&str> = given.iter().map(|(name, _)| *name).collect();
+                return Err(self.error(
+                    key(second),
+                    second_at.clone(),
+                    format!(
+                        "only one secret source may be set, got {}",
+                        names.join(" and ")
+                    ),
+                ));
+            }
+        }
+        if let Some(path) = &entry.client_secret_file {
+            if path.get_ref().as_os_str().is_empty() {
+                return Err(self.error(
+                    key("client_secret_file"),
+                    Some(path.span()),
+                    "must not be empty",
+                ));
+            }
+            return Ok(SecretSource::File(PathBuf::from(path.get_ref())));
+        }
+        if let Some(name) = &entry.client_secret_env {
+            let value = name.get_ref();
+            if value.is_empty() || value.contains(['=', '\0']) {
+                return Err(self.error(
+                    key("client_secret_env"),
+                    Some(name.span()),
+                    format!("expected an environment variable name, got {value:?}"),
+                ));
+            }
+            return Ok(SecretSource::Env(value.clone()));
+        }
+        let secret = entry
+            .client_secret
+            .as_ref()
+            .map_or("", |s| s.get_ref().trim());
+        if secret.is_empty() {
+            return Err(self.error(
+                key("client_secret"),
+                span(&entry.client_secret),
+                "must not be empty",
+            ));
+        }
+        Ok(SecretSource::Inline(Secret::from(secret)))
+    }
+
+    fn handover(&self, raw: Value<RawHandover>) -> Result<HandoverConfig, ConfigError> {
+        let raw = raw.map(Spanned::into_inner);
+        let (lead_at, overlap_at) = raw
+            .as_ref()
+            .map_or((None, None), |raw| (span(&raw.lead), span(&raw.overlap)));
+        let lead = raw
+            .as_ref()
+            .map_or(DEFAULT_LEAD, |raw| duration(&raw.lead, DEFAULT_LEAD));
+        let overlap = raw.as_ref().map_or(DEFAULT_OVERLAP, |raw| {
+            duration(&raw.overlap, DEFAULT_OVERLAP)
+        });
+        if lead.is_zero() {
+            return Err(self.error("handover.lead", lead_at, "must be longer than 0s"));
+        }
+        if overlap.is_zero() {
+            return Err(self.error(
+                "handover.overlap",
+                overlap_at,
+                "must be longer than 0s (the old socket must outlive the switch: overlap, never gap)",
+            ));
+        }
+        if overlap >= lead {
+            return Err(self.error(
+                "handover.overlap",
+                overlap_at,
+                format!(
+                    "must be shorter than handover.lead ({}), got {}",
+                    show(lead),
+                    show(overlap)
+                ),
+            ));
+        }
+        Ok(HandoverConfig { lead, overlap })
+    }
+
+    fn upstream(&self, raw: Value<RawUpstream>) -> Result<UpstreamConfig, ConfigError> {
+        let Some(raw) = raw.map(Spanned::into_inner) else {
+            return Ok(UpstreamConfig::default());
+        };
+        let heartbeat = duration(&raw.heartbeat, DEFAULT_HEARTBEAT);
+        if heartbeat.is_zero() {
+            return Err(self.error(
+                "upstream.heartbeat",
+                span(&raw.heartbeat),
+                "must be longer than 0s",
+            ));
+        }
+        let idle_channel_timeout =
+            duration(&raw.idle_channel_timeout, DEFAULT_IDLE_CHANNEL_TIMEOUT);
+        if idle_channel_timeout.is_zero() {
+            return Err(self.error(
+                "upstream.idle_channel_timeout",
+                span(&raw.idle_channel_timeout),
+                "must be longer than 0s",
+            ));
+        }
+        let max_channels = raw
+            .max_channels
+            .as_ref()
+            .map_or(DEFAULT_MAX_CHANNELS, |m| *m.get_ref());
+        let channels_at = span(&raw.max_channels);
+        if max_channels < MIN_MAX_CHANNELS {
+            return Err(self.error(
+                "upstream.max_channels",
+                channels_at,
+                format!(
+                    "must be at least {MIN_MAX_CHANNELS} (one slot is kept free for handovers), got {max_channels}"
+                ),
+            ));
+        }
+        if max_channels > GENESYS_CHANNELS_PER_CLIENT {
+            return Err(self.error(
+                "upstream.max_channels",
+                channels_at,
+                format!(
+                    "must be at most {GENESYS_CHANNELS_PER_CLIENT} (Genesys evicts an OAuth client's oldest channel beyond 20), got {max_channels}"
+                ),
+            ));
+        }
+        let max_topics_per_channel = raw
+            .max_topics_per_channel
+            .as_ref()
+            .map_or(MAX_TOPICS_PER_CHANNEL, |m| *m.get_ref());
+        if !(1..=MAX_TOPICS_PER_CHANNEL).contains(&max_topics_per_channel) {
+            return Err(self.error(
+                "upstream.max_topics_per_channel",
+                span(&raw.max_topics_per_channel),
+                format!(
+                    "must be between 1 and {MAX_TOPICS_PER_CHANNEL} (Genesys' limit per channel), got {max_topics_per_channel}"
+                ),
+            ));
+        }
+        Ok(UpstreamConfig {
+            max_channels,
+            max_topics_per_channel,
+            heartbeat,
+            idle_channel_timeout,
+        })
+    }
+
+    fn socket_addr(&self, key: &str, value: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().trim().parse().map_err(|_| {
+            self.error(
+                key,
+                Some(value.span()),
+                format!(
+                    "expected an IP address and port such as \"127.0.0.1:8080\" or \"[::1]:8080\", got {:?}",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    /// Checks an absolute URL with one of `schemes`, a host, no credentials, query or
+    /// fragment; returns it normalised, without a trailing `/`.
+    fn url(
+        &self,
+        key: &str,
+        value: &Spanned<String>,
+        schemes: &[&str],
+    ) -> Result<String, ConfigError> {
+        let (at, text) = (Some(value.span()), value.get_ref());
+        let expected = schemes
+            .iter()
+            .map(|scheme| format!("{scheme}://"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let expected = format!("URL starting with {expected}");
+        let parsed = url::Url::parse(text.trim()).map_err(|error| {
+            self.error(
+                key,
+                at.clone(),
+                format!("expected an absolute {expected}, got {text:?} ({error})"),
+            )
+        })?;
+        if !schemes.contains(&parsed.scheme()) {
+            return Err(self.error(key, at, format!("expected a {expected}, got {text:?}")));
+        }
+        if parsed.host().is_none() {
+            return Err(self.error(key, at, format!("expected a URL with a host, got {text:?}")));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Not echoed: the value holds credentials.
+            return Err(self.error(key, at, "must not carry a user name or password"));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(self.error(
+                key,
+                at,
+                format!("must not have a query or fragment, got {text:?}"),
+            ));
+        }
+        Ok(parsed.as_str().trim_end_matches('/').to_owned())
+    }
+}
