@@ -42,7 +42,6 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -314,9 +313,12 @@ fn route(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("router", subscribers), |b| {
             b.iter_custom(|iters| ours.route_new(&ids, iters))
         });
-        let counters = &ours.router.counters;
-        assert_eq!(counters.undeliverable.load(Ordering::Relaxed), 0);
-        assert_eq!(counters.duplicates_suppressed.load(Ordering::Relaxed), 0);
+        let metrics = &ours.router.metrics;
+        assert_eq!(
+            metrics.dropped_no_socket.get() + metrics.dropped_queue_full.get(),
+            0
+        );
+        assert_eq!(metrics.events_deduplicated.get(), 0);
         assert!(ours.outboxes.iter().all(|o| o.is_attached()));
         drop(ours);
 
@@ -343,17 +345,13 @@ fn dedup(c: &mut Criterion) {
     for id in &ids {
         seen.router.route(TOPIC, Some(id), &seen.frame);
     }
-    let before = seen
-        .router
-        .counters
-        .duplicates_suppressed
-        .load(Ordering::Relaxed);
-    assert_eq!(before, 0);
+    assert_eq!(seen.router.metrics.events_deduplicated.get(), 0);
     group.bench_function("route_duplicate", |b| {
         b.iter_custom(|iters| seen.route_seen(&ids, iters))
     });
+    let routed = &seen.router.metrics;
     assert_eq!(
-        seen.router.counters.events_routed.load(Ordering::Relaxed),
+        routed.events_received.get() - routed.events_deduplicated.get(),
         ID_POOL as u64,
         "every timed call took the duplicate path"
     );

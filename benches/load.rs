@@ -546,9 +546,6 @@ async fn rotation(args: &Args, http: &reqwest::Client) -> anyhow::Result<Rotatio
         recording: Recording::Full,
     };
     let set = ClientSet::open(http, &Route::proxy(&proxy.client_url), plan, &progress).await?;
-    let handovers_before = handovers(http, &proxy).await?["completed"]
-        .as_u64()
-        .unwrap_or(0);
     let expected = count * args.clients as u64 / args.topics as u64;
     drive(
         "rotation",
@@ -563,23 +560,16 @@ async fn rotation(args: &Args, http: &reqwest::Client) -> anyhow::Result<Rotatio
         expected,
     )
     .await?;
-    let listing = handovers(http, &proxy).await?;
     let seen = set.finish().await;
     let (lost, duplicated, disconnects, _) = account(&seen, args.topics);
-    let recent: Vec<(u64, f64)> = listing["recent"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|h| {
-                    (
-                        h["completed_at_ms"].as_u64().unwrap_or(0),
-                        h["duration_ms"].as_f64().unwrap_or(0.0),
-                    )
-                })
-                .filter(|(at, _)| *at >= wall_start_ms)
-                .collect()
-        })
-        .unwrap_or_default();
+    let recent: Vec<(u64, f64)> = proxy
+        .handovers
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|(at, _)| *at >= wall_start_ms)
+        .collect();
     // Per-second timeline from every sample.
     let mut per_second: std::collections::BTreeMap<u32, Vec<u32>> =
         std::collections::BTreeMap::new();
@@ -603,7 +593,7 @@ async fn rotation(args: &Args, http: &reqwest::Client) -> anyhow::Result<Rotatio
         .collect();
     let offset_s = first_second as f64;
     Ok(RotationResult {
-        handovers: listing["completed"].as_u64().unwrap_or(0) - handovers_before,
+        handovers: recent.len() as u64,
         durations_ms: recent.iter().map(|(_, d)| *d).collect(),
         lost,
         duplicated,
@@ -615,13 +605,4 @@ async fn rotation(args: &Args, http: &reqwest::Client) -> anyhow::Result<Rotatio
             .map(|(at, _)| (*at as f64 - wall_start_ms as f64) / 1000.0 - offset_s)
             .collect(),
     })
-}
-
-async fn handovers(http: &reqwest::Client, proxy: &ProxyProcess) -> anyhow::Result<Value> {
-    Ok(http
-        .get(format!("{}/admin/handovers", proxy.admin_url))
-        .send()
-        .await?
-        .json()
-        .await?)
 }

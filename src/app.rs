@@ -11,17 +11,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, CredentialStatus, Operations, Readiness};
 use crate::auth::TokenSource;
+use crate::auth::{CredentialState, DrainError};
 use crate::config::Config;
 use crate::downstream::Downstream;
 use crate::downstream::sessions::Sessions;
 use crate::drain::Drain;
 use crate::genesys::{Genesys, UpstreamError};
 use crate::http_server::{self, Request};
+use crate::metrics::{self, Readings};
 use crate::router::Router;
 use crate::upstream::channel::{self, Parts};
 use crate::upstream::pool::{self, Pool};
+use crate::upstream::state::ChannelView;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -106,14 +109,15 @@ impl Proxy {
             router.clone(),
             shutdown.clone(),
         );
-        pool.set_spawner(channel::spawner(Parts::new(
-            genesys,
+        let parts = Parts::new(
+            genesys.clone(),
             tokens.clone(),
             router.clone(),
             config.clone(),
             tasks.clone(),
             shutdown.clone(),
-        )));
+        );
+        pool.set_spawner(channel::spawner(parts.clone()));
         let sessions = Arc::new(Sessions::new(router.clone(), pool.clone(), tasks.clone()));
 
         let downstream = Arc::new(Downstream {
@@ -124,14 +128,36 @@ impl Proxy {
             shutdown: shutdown.clone(),
             drain: drain.clone(),
         });
+        // Every part registers its own metrics.
+        let mut registry = metrics::registry();
+        {
+            let ours = metrics::ours(&mut registry);
+            genesys.register_metrics(ours);
+            tokens.register_metrics(ours);
+            pool.register_metrics(ours);
+            parts.register_metrics(ours);
+            router.register_metrics(ours);
+            sessions.register_metrics(ours);
+            let counted = tasks.clone();
+            Readings::new()
+                .gauge(
+                    "tasks",
+                    "Tasks running: listeners and housekeeping, one per client socket, subscription change and upstream channel.",
+                    move || counted.len() as i64,
+                )
+                .register(ours);
+        }
         let admin = Arc::new(Admin {
-            tokens: tokens.clone(),
-            pool: pool.clone(),
-            router: router.clone(),
-            sessions: sessions.clone(),
-            config: config.clone(),
-            shutdown: stopping.clone(),
-            tasks: tasks.clone(),
+            metrics: Arc::new(registry),
+            readiness: Arc::new(Ready {
+                tokens: tokens.clone(),
+                stopping: stopping.clone(),
+            }),
+            operations: Arc::new(Ops {
+                tokens: tokens.clone(),
+                pool: pool.clone(),
+                config: config.clone(),
+            }),
         });
         tasks.spawn(http_server::serve(
             client_listener,
@@ -224,6 +250,69 @@ impl Proxy {
         self.shutdown.cancel();
         self.admin_stop.cancel();
         let _ = self.admin_server.await;
+    }
+}
+
+/// Readiness: ready from the first token minted until the stop begins.
+struct Ready {
+    tokens: Arc<TokenSource>,
+    stopping: CancellationToken,
+}
+
+impl Readiness for Ready {
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.stopping.is_cancelled() {
+            Err("shutting down")
+        } else if self.tokens.has_minted() {
+            Ok(())
+        } else {
+            Err("no token yet")
+        }
+    }
+}
+
+/// What the admin listener may see and do, over the token source and the pool.
+struct Ops {
+    tokens: Arc<TokenSource>,
+    pool: Arc<Pool>,
+    config: Arc<ArcSwap<Config>>,
+}
+
+impl Ops {
+    fn status(&self, name: &str) -> CredentialStatus {
+        CredentialStatus {
+            name: name.to_owned(),
+            state: self.tokens.state(name).unwrap_or(CredentialState::Active),
+            channels: self.pool.open_channels_of(name),
+        }
+    }
+}
+
+impl Operations for Ops {
+    fn credentials(&self) -> Vec<CredentialStatus> {
+        let config = self.config.load();
+        config
+            .credentials
+            .iter()
+            .map(|c| self.status(&c.name))
+            .collect()
+    }
+
+    fn drain(&self, name: &str) -> Result<CredentialStatus, DrainError> {
+        self.tokens.drain(name)?;
+        let tokens = &self.tokens;
+        self.pool
+            .credentials_changed(&|name| tokens.is_draining(name));
+        Ok(self.status(name))
+    }
+
+    fn undrain(&self, name: &str) -> Result<CredentialStatus, DrainError> {
+        self.tokens.undrain(name)?;
+        Ok(self.status(name))
+    }
+
+    fn channels(&self) -> Vec<ChannelView> {
+        self.pool.channels()
     }
 }
 

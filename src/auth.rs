@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::genesys::{Genesys, UpstreamError};
+use crate::metrics::Registry;
 use crate::secret::Secret;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// A rejected secret is tried again after this long even if its file did not change
 /// (a rejection can be a transient fault on Genesys' side).
@@ -89,17 +93,16 @@ pub struct TokenSource {
     config: Arc<ArcSwap<Config>>,
     sets: Mutex<HashMap<String, SetState>>,
     minted_once: AtomicBool,
-    pub counters: MintCounters,
+    /// `handover_token_mints_total{credential, outcome}`: `minted`; `rejected` (400
+    /// `invalid_client`: the secret was refused); `failed` (throttled, 5xx,
+    /// unreachable).
+    mints: Family<MintLabels, Counter>,
 }
 
-/// Token mints by outcome, for metrics.
-#[derive(Default)]
-pub struct MintCounters {
-    pub minted: AtomicU64,
-    /// 400 `invalid_client`: the secret was refused.
-    pub rejected: AtomicU64,
-    /// Throttled, 5xx, unreachable.
-    pub failed: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MintLabels {
+    credential: String,
+    outcome: &'static str,
 }
 
 impl TokenSource {
@@ -109,8 +112,25 @@ impl TokenSource {
             config,
             sets: Mutex::default(),
             minted_once: AtomicBool::new(false),
-            counters: MintCounters::default(),
+            mints: Family::default(),
         }
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "token_mints",
+            "Token mints by credential set and outcome (minted, rejected: the secret was refused, failed: throttled, 5xx or unreachable).",
+            self.mints.clone(),
+        );
+    }
+
+    fn count_mint(&self, credential: &str, outcome: &'static str) {
+        self.mints
+            .get_or_create(&MintLabels {
+                credential: credential.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Whether any token was ever minted (readiness).
@@ -165,7 +185,7 @@ impl TokenSource {
                         tracing::info!(credential = name, "the client secret is accepted again");
                     }
                     self.minted_once.store(true, Ordering::Release);
-                    self.counters.minted.fetch_add(1, Ordering::Relaxed);
+                    self.count_mint(name, "minted");
                     return Ok(Token {
                         value: minted.token,
                         credential: Arc::from(name),
@@ -174,7 +194,7 @@ impl TokenSource {
                     });
                 }
                 Err(UpstreamError::CredentialsRejected(reason)) => {
-                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.count_mint(name, "rejected");
                     let first_time = self
                         .sets()
                         .get_mut(name)
@@ -195,7 +215,7 @@ impl TokenSource {
                     last = format!("{name:?}: {reason}");
                 }
                 Err(error) => {
-                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    self.count_mint(name, "failed");
                     tracing::warn!(credential = name, %error, "token mint failed");
                     retry_after = retry_after.max(error.retry_after());
                     last = format!("{name:?}: {error}");

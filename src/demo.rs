@@ -5,7 +5,6 @@
 //! and exits 0 only if nothing was lost, duplicated or disconnected.
 
 use std::io::Write;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -133,14 +132,8 @@ pub async fn run() -> anyhow::Result<()> {
     println!("\n\nsummary");
     println!("  events published      {EVENTS}");
     println!("  deliveries            {}", last.delivered);
-    println!(
-        "  handovers             {}",
-        proxy.pool.handovers.load(Ordering::Relaxed)
-    );
-    println!(
-        "  rebuilds after loss   {}",
-        proxy.pool.rebuilds.load(Ordering::Relaxed)
-    );
+    println!("  handovers             {}", proxy.pool.handovers());
+    println!("  rebuilds after loss   {}", proxy.pool.rebuilds());
     println!("  rotations             {rotations}");
     let budget = proxy.config().upstream.max_channels as u64;
     println!("  upstream channels     at most {peak} at once (budget {budget})");
@@ -257,7 +250,7 @@ fn progress(
     print!(
         "\r\x1b[2Kt={second:>2}s  published {sent:>5}  delivered {:>6}  handovers {:>2}  rotations {rotations}  lost {}  duplicated {}  disconnects {disconnects}",
         t.delivered,
-        proxy.pool.handovers.load(Ordering::Relaxed),
+        proxy.pool.handovers(),
         t.lost,
         t.duplicated,
     );

@@ -18,7 +18,11 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::bounds;
+use crate::metrics::Registry;
 use crate::secret::Secret;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// What Genesys answered when it refused a request as a whole (any 4xx but 401, 404
 /// and 429): its status and code, which a client may be shown.
@@ -116,11 +120,20 @@ pub struct CreatedChannel {
 
 pub struct Genesys {
     http: reqwest::Client,
+    /// `handover_upstream_requests_total{route, status}`: every answer Genesys gave
+    /// (or `error` when none came), so that 429s and 5xx show.
+    requests: Family<RequestLabels, Counter>,
     login_url: String,
     api_url: String,
     /// Where a `connectUri` may point: see [`Genesys::check_connect_uri`].
     sockets: SocketOrigin,
     ws_tls: Arc<rustls::ClientConfig>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    status: String,
 }
 
 /// The scheme, hosts and port a `connectUri` from this API may use. Genesys answers
@@ -156,11 +169,47 @@ impl Genesys {
         let api_url = api_url.trim_end_matches('/').to_owned();
         Ok(Self {
             http,
+            requests: Family::default(),
             login_url: login_url.trim_end_matches('/').to_owned(),
             sockets: SocketOrigin::of(&api_url)?,
             api_url,
             ws_tls: crate::tls::websocket_client_config(),
         })
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "upstream_requests",
+            "Genesys Cloud calls by route and answer status (error: no answer).",
+            self.requests.clone(),
+        );
+    }
+
+    fn count(&self, route: &'static str, status: &str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sends a request for `route`, counting its answer.
+    async fn send(
+        &self,
+        route: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        match request.send().await {
+            Ok(response) => {
+                self.count(route, response.status().as_str());
+                Ok(response)
+            }
+            Err(error) => {
+                self.count(route, "error");
+                Err(transport(error))
+            }
+        }
     }
 
     /// Refuses a `connectUri` that is not `wss://` (or `ws://` for an `http://` API)
@@ -192,15 +241,13 @@ impl Genesys {
 
     /// `POST {login}/oauth/token`, client-credentials grant with HTTP Basic auth.
     pub async fn mint(&self, client_id: &str, secret: &Secret) -> Result<Minted, UpstreamError> {
-        let response = self
+        let request = self
             .http
             .post(format!("{}/oauth/token", self.login_url))
             .basic_auth(client_id, Some(secret.expose()))
             .header(http::header::ACCEPT, "application/json")
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .map_err(transport)?;
+            .form(&[("grant_type", "client_credentials")]);
+        let response = self.send("token", request).await?;
         let status = response.status();
         let retry_after = retry_after(&response);
         let body = read_capped(response).await?;
@@ -216,13 +263,11 @@ impl Genesys {
             connect_uri: String,
             expires: Option<String>,
         }
-        let response = self
+        let request = self
             .http
             .post(format!("{}/api/v2/notifications/channels", self.api_url))
-            .bearer_auth(token.expose())
-            .send()
-            .await
-            .map_err(transport)?;
+            .bearer_auth(token.expose());
+        let response = self.send("create_channel", request).await?;
         let body = expect_success(response).await?;
         let channel: Channel = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::Protocol("the channel answer is not the expected JSON".into())
@@ -271,7 +316,7 @@ impl Genesys {
             state: Option<String>,
         }
         let body: Vec<_> = topics.iter().map(|t| json!({ "id": t })).collect();
-        let response = self
+        let request = self
             .http
             .put(format!(
                 "{}/api/v2/notifications/channels/{}/subscriptions?ignoreErrors=true",
@@ -279,10 +324,8 @@ impl Genesys {
                 channel_id.expose()
             ))
             .bearer_auth(token.expose())
-            .json(&body)
-            .send()
-            .await
-            .map_err(transport)?;
+            .json(&body);
+        let response = self.send("subscriptions", request).await?;
         let body = expect_success(response).await?;
         let listing: Listing = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::Protocol("the subscription answer is not the expected JSON".into())
@@ -298,13 +341,11 @@ impl Genesys {
     /// `DELETE /api/v2/tokens/me`: retires a token, and with it the channel it
     /// created, so that the channel stops counting against the 20 per OAuth client.
     pub async fn retire_token(&self, token: &Secret) -> Result<(), UpstreamError> {
-        let response = self
+        let request = self
             .http
             .delete(format!("{}/api/v2/tokens/me", self.api_url))
-            .bearer_auth(token.expose())
-            .send()
-            .await
-            .map_err(transport)?;
+            .bearer_auth(token.expose());
+        let response = self.send("retire_token", request).await?;
         expect_success(response).await.map(|_| ())
     }
 
@@ -321,16 +362,14 @@ impl Genesys {
         struct TokenInfo {
             date_token_idles: Option<String>,
         }
-        let response = self
+        let request = self
             .http
             .get(format!(
                 "{}/api/v2/tokens/me?preserveIdleTTL={preserve_idle}",
                 self.api_url
             ))
-            .bearer_auth(token.expose())
-            .send()
-            .await
-            .map_err(transport)?;
+            .bearer_auth(token.expose());
+        let response = self.send("token_info", request).await?;
         let body = expect_success(response).await?;
         let info: TokenInfo = serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::Protocol("the token information is not the expected JSON".into())
@@ -349,7 +388,15 @@ impl Genesys {
             true,
             Some(Connector::Rustls(self.ws_tls.clone())),
         );
-        match tokio::time::timeout(CALL_TIMEOUT, connecting).await {
+        let outcome = tokio::time::timeout(CALL_TIMEOUT, connecting).await;
+        match &outcome {
+            Ok(Ok(_)) => self.count("socket", "101"),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
+                self.count("socket", response.status().as_str());
+            }
+            _ => self.count("socket", "error"),
+        }
+        match outcome {
             Ok(Ok((socket, _))) => Ok(socket),
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
                 match response.status() {

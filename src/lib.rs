@@ -18,6 +18,7 @@ pub mod drain;
 pub mod frame;
 pub mod genesys;
 pub mod http_server;
+pub mod metrics;
 pub mod mock;
 pub mod router;
 pub mod secret;

@@ -24,7 +24,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::metrics::{Readings, Registry};
 use crate::topic;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 pub type SessionId = u64;
 
@@ -100,25 +104,35 @@ impl Outbox {
         self.sender.load().is_some()
     }
 
-    /// Queues a frame for the socket. `false` if no socket is open or it was too slow
-    /// (the frame is dropped, and the next socket hears of the gap).
-    pub fn send(&self, frame: &Utf8Bytes) -> bool {
+    /// Queues a frame for the socket. A frame that finds no socket open, or one too
+    /// slow to take it, is dropped (and the next socket hears of the gap).
+    pub fn send(&self, frame: &Utf8Bytes) -> Queued {
         let guard = self.sender.load();
         let Some(attached) = guard.as_ref() else {
             self.missed();
-            return false;
+            return Queued::NoSocket;
         };
-        match attached.tx.try_send(frame.clone()) {
-            Ok(()) => return true,
+        let dropped = match attached.tx.try_send(frame.clone()) {
+            Ok(()) => return Queued::Yes,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("client socket too slow: disconnecting it");
                 self.detach(attached.generation);
+                Queued::QueueFull
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+            Err(mpsc::error::TrySendError::Closed(_)) => Queued::NoSocket,
+        };
         self.missed();
-        false
+        dropped
     }
+}
+
+/// Whether a frame was queued for a client's socket, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    NoSocket,
+    /// The socket was too slow: it is cut off.
+    QueueFull,
 }
 
 /// A session that receives the events of one event topic; `names` counts how many
@@ -129,13 +143,48 @@ struct Route {
     names: u32,
 }
 
-/// Counters the router keeps for metrics and tests.
-#[derive(Default)]
-pub struct RouterCounters {
-    pub events_routed: AtomicU64,
-    pub deliveries: AtomicU64,
-    pub duplicates_suppressed: AtomicU64,
-    pub undeliverable: AtomicU64,
+/// What the router counts (registered by [`Router::register_metrics`]).
+pub struct RouterMetrics {
+    /// Upstream event frames routed, second copies included.
+    pub events_received: Counter,
+    /// Second copies of an event (an overlap, or two channels) dropped.
+    pub events_deduplicated: Counter,
+    /// Frames queued to client sockets.
+    pub events_delivered: Counter,
+    /// Frames dropped for a client with no socket open, or too slow to take them, by
+    /// reason; the two counters below are handles into it, so that the hot path needs
+    /// no label lookup.
+    drops: Family<DropLabels, Counter>,
+    pub dropped_no_socket: Counter,
+    pub dropped_queue_full: Counter,
+    /// Gap notices sent to client sessions.
+    pub gap_notices: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        let drops = Family::<DropLabels, Counter>::default();
+        let dropped_no_socket = drops.get_or_create_owned(&DropLabels {
+            reason: "no_socket",
+        });
+        let dropped_queue_full = drops.get_or_create_owned(&DropLabels {
+            reason: "queue_full",
+        });
+        Self {
+            events_received: Counter::default(),
+            events_deduplicated: Counter::default(),
+            events_delivered: Counter::default(),
+            drops,
+            dropped_no_socket,
+            dropped_queue_full,
+            gap_notices: Counter::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -149,7 +198,7 @@ struct Subscriptions {
 pub struct Router {
     subscriptions: RwLock<Subscriptions>,
     dedup: Mutex<Dedup>,
-    pub counters: RouterCounters,
+    pub metrics: RouterMetrics,
 }
 
 impl Router {
@@ -159,8 +208,45 @@ impl Router {
         Self {
             subscriptions: RwLock::default(),
             dedup: Mutex::new(Dedup::new(dedup_window)),
-            counters: RouterCounters::default(),
+            metrics: RouterMetrics::default(),
         }
+    }
+
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        let metrics = &self.metrics;
+        registry.register(
+            "events_received",
+            "Upstream event frames routed, second copies (overlaps) included.",
+            metrics.events_received.clone(),
+        );
+        registry.register(
+            "events_deduplicated",
+            "Second copies of an event (a handover's overlap) dropped.",
+            metrics.events_deduplicated.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Event frames queued to client sockets.",
+            metrics.events_delivered.clone(),
+        );
+        registry.register(
+            "client_queue_drops",
+            "Frames dropped for a client session: no socket open, or a full queue (the socket is then cut off).",
+            metrics.drops.clone(),
+        );
+        registry.register(
+            "gap_notices",
+            "Gap notices sent to client sessions.",
+            metrics.gap_notices.clone(),
+        );
+        let router = self.clone();
+        Readings::new()
+            .gauge(
+                "topics",
+                "Topics with at least one subscriber.",
+                move || router.topic_count() as i64,
+            )
+            .register(registry);
     }
 
     /// Subscribes a session to topics; returns the topics that had no subscriber before.
@@ -238,28 +324,28 @@ impl Router {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .first_sighting(key, Instant::now());
+        self.metrics.events_received.inc();
         if !first_time {
-            self.counters
-                .duplicates_suppressed
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.events_deduplicated.inc();
             return 0;
         }
-        self.counters.events_routed.fetch_add(1, Ordering::Relaxed);
         let subs = self.subscriptions.read().unwrap_or_else(|p| p.into_inner());
         let Some(routes) = subs.routes.get(topic) else {
             return 0;
         };
         let mut delivered = 0;
         for route in routes {
-            if route.outbox.send(frame) {
-                delivered += 1;
-            } else {
-                self.counters.undeliverable.fetch_add(1, Ordering::Relaxed);
+            match route.outbox.send(frame) {
+                Queued::Yes => delivered += 1,
+                Queued::NoSocket => {
+                    self.metrics.dropped_no_socket.inc();
+                }
+                Queued::QueueFull => {
+                    self.metrics.dropped_queue_full.inc();
+                }
             }
         }
-        self.counters
-            .deliveries
-            .fetch_add(delivered as u64, Ordering::Relaxed);
+        self.metrics.events_delivered.inc_by(delivered as u64);
         delivered
     }
 
@@ -287,6 +373,7 @@ impl Router {
         }
         for (outbox, topics) in per_session.into_values() {
             outbox.send(&gap_frame(from, to, &topics));
+            self.metrics.gap_notices.inc();
         }
     }
 
@@ -456,13 +543,7 @@ mod tests {
             "no correlation id: the bytes decide"
         );
         assert_eq!(rx.len(), 3);
-        assert_eq!(
-            router
-                .counters
-                .duplicates_suppressed
-                .load(Ordering::Relaxed),
-            2
-        );
+        assert_eq!(router.metrics.events_deduplicated.get(), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -487,9 +568,9 @@ mod tests {
         );
         let frame = Utf8Bytes::from_static("{}");
         for _ in 0..CLIENT_QUEUE {
-            assert!(outbox.send(&frame));
+            assert_eq!(outbox.send(&frame), Queued::Yes);
         }
-        assert!(!outbox.send(&frame), "the queue is full");
+        assert_eq!(outbox.send(&frame), Queued::QueueFull, "the queue is full");
         assert!(!outbox.is_attached());
         assert!(!outbox.replaced(second));
         assert_eq!(second_rx.len(), CLIENT_QUEUE);

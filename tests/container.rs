@@ -112,9 +112,9 @@ fn config(fake_url: &str) -> String {
 }
 
 async fn handovers(admin: &Api) -> u64 {
-    admin.get("/admin/handovers").await.body["completed"]
-        .as_u64()
-        .unwrap_or(0)
+    metric(admin, "handover_handovers_total", &[])
+        .await
+        .unwrap_or(0.0) as u64
 }
 
 #[tokio::test]

@@ -48,8 +48,8 @@ async fn desktops_share_one_upstream_channel_and_get_each_event_once() {
         "handover_topics 3",
         "handover_upstream_channels 1",
         // One at start (readiness, retired at once), one for the channel.
-        "handover_token_mints_total 2",
-        "handover_duplicates_suppressed_total 0",
+        "handover_token_mints_total{credential=\"a\",outcome=\"minted\"} 2",
+        "handover_events_deduplicated_total 0",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::proxy::*;
@@ -98,7 +97,7 @@ async fn topics_pack_onto_two_channels_keeping_the_third_free_and_overflow_is_re
 
     // Handovers still happen with the third slot, and the budget holds.
     wait_for("two handovers", || {
-        let handovers = proxy.pool.handovers.load(Ordering::Relaxed);
+        let handovers = proxy.pool.handovers();
         async move { (handovers >= 2).then_some(()) }
     })
     .await;

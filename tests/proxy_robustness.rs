@@ -196,11 +196,7 @@ async fn a_wholesale_refusal_refuses_only_its_newcomer_and_a_handover_still_happ
 
     // The served desktop's channel hands over (token expiry) after the refusal.
     let handed_over = within(Duration::from_secs(15), "a handover", || {
-        let done = w
-            .proxy
-            .pool
-            .handovers
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let done = w.proxy.pool.handovers();
         async move { (done >= 1).then_some(done) }
     })
     .await;
@@ -501,11 +497,7 @@ async fn relayed(heartbeat: &str) -> Relayed {
 impl Relayed {
     async fn handover(&self) {
         within(Duration::from_secs(15), "a handover", || {
-            let done = self
-                .proxy
-                .pool
-                .handovers
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let done = self.proxy.pool.handovers();
             async move { (done >= 1).then_some(()) }
         })
         .await;

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::proxy::*;
@@ -87,7 +86,7 @@ async fn run_stream<F: std::future::Future<Output = ()>>(
         duplicated,
         unexpected,
         disconnected,
-        handovers: w.proxy.pool.handovers.load(Ordering::Relaxed),
+        handovers: w.proxy.pool.handovers(),
         stats: w.fake_api.stats().await,
     }
 }

@@ -25,13 +25,6 @@ async fn realistic_fake(secret: &str, token_ttl: Duration) -> (handover::mock::M
     .await
 }
 
-async fn metric(admin: &Api, name: &str) -> Option<u64> {
-    let text = admin.get("/metrics").await.body;
-    text.as_str()?
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 async fn wait_ready(served: &Served) -> Instant {
     wait_for("readiness", || async move {
         (served.readiness().await == Some(200)).then(Instant::now)
@@ -57,8 +50,8 @@ async fn serve_turns_ready_without_any_desktop_and_an_outage_later_does_not_unre
     println!("ready {took:?} after the process was spawned, with no desktop");
     assert!(took < Duration::from_secs(2), "ready after {took:?}");
     assert_eq!(
-        metric(&served.admin, "handover_client_sockets").await,
-        Some(0)
+        metric(&served.admin, "handover_client_sockets", &[]).await,
+        Some(0.0)
     );
     let fake = &fake_api;
     wait_for("the first token, which proved the credential, to be retired", || async move {
@@ -76,7 +69,8 @@ async fn serve_turns_ready_without_any_desktop_and_an_outage_later_does_not_unre
     });
     let admin = &served.admin;
     wait_for("failed mints in the metrics", || async move {
-        (metric(admin, "handover_token_mints_failed_total").await? > 0).then_some(())
+        (metric(admin, "handover_token_mints_total", &["outcome=\"failed\""]).await? > 0.0)
+            .then_some(())
     })
     .await;
     assert_eq!(

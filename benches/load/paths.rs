@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -84,7 +85,9 @@ pub struct Process {
 pub struct ProxyProcess {
     pub process: Process,
     pub client_url: String,
-    pub admin_url: String,
+    /// Handovers as the proxy logged them (its JSON log, one line each): when each
+    /// completed (Unix ms) and how long it took (ms).
+    pub handovers: Arc<Mutex<Vec<(u64, f64)>>>,
 }
 
 impl ProxyProcess {
@@ -104,11 +107,33 @@ impl ProxyProcess {
             .arg("serve")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "warn")
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "warn,handover::upstream::pool=info")
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start the handover binary")?;
+        let handovers = Arc::new(Mutex::new(Vec::new()));
+        let mut log = BufReader::new(child.stderr.take().context("no stderr")?).lines();
+        let recorded = handovers.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = log.next_line().await {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if entry["message"] != "handover" {
+                    continue;
+                }
+                let at = entry["timestamp"]
+                    .as_str()
+                    .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                let took = entry["duration_ms"].as_f64().unwrap_or(0.0);
+                recorded.lock().unwrap().push((at, took));
+            }
+        });
         let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
         let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
             .await
@@ -117,13 +142,13 @@ impl ProxyProcess {
         let rest = line
             .strip_prefix("listening on ")
             .context("unexpected first line")?;
-        let (client, admin) = rest
+        let (client, _admin) = rest
             .split_once(", admin on ")
             .context("unexpected first line")?;
         let pid = child.id().context("no pid")?;
         Ok(ProxyProcess {
             client_url: format!("http://{client}"),
-            admin_url: format!("http://{admin}"),
+            handovers,
             process: Process {
                 _child: child,
                 pid,

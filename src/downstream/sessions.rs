@@ -20,10 +20,14 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::error::ClientError;
+use crate::metrics::{Readings, Registry};
 use crate::router::{Outbox, Router, SessionId};
 use crate::topic;
 use crate::upstream::pool::Pool;
 use crate::upstream::state::TopicOutcome;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// Genesys' limit for one channel (combined topics count their expansion), applied to
 /// client channels too.
@@ -71,6 +75,12 @@ impl ClientChannel {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    by: &'static str,
+    code: String,
+}
+
 /// How a subscription call changes a channel's topics.
 pub enum Change {
     Add(Vec<String>),
@@ -94,6 +104,9 @@ pub struct Sessions {
     pool: Arc<Pool>,
     /// Subscription changes run here, so that they finish even if nobody waits.
     tasks: TaskTracker,
+    /// `handover_client_closes_total{by, code}`: client sockets ended, by who ended
+    /// them and with which close code (`none`: the connection just went away).
+    closes: Family<CloseLabels, Counter>,
     /// Serialises router and pool transitions, so that a topic's last unsubscribe and
     /// another client's first subscribe reach the pool in the order they happened.
     transitions: Mutex<()>,
@@ -107,9 +120,35 @@ impl Sessions {
             router,
             pool,
             tasks,
+            closes: Family::default(),
             transitions: Mutex::new(()),
             next_session: AtomicU64::new(1),
         }
+    }
+
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "client_closes",
+            "Client sockets ended, by who ended them (client, proxy) and close code (none: the connection went away).",
+            self.closes.clone(),
+        );
+        let (channels, sockets) = (self.clone(), self.clone());
+        Readings::new()
+            .gauge(
+                "client_channels",
+                "Client channels open (with or without a socket).",
+                move || channels.count() as i64,
+            )
+            .gauge("client_sockets", "Client WebSockets open.", move || {
+                sockets.connected() as i64
+            })
+            .register(registry);
+    }
+
+    /// Counts a client socket's end.
+    pub fn count_close(&self, by: &'static str, code: Option<u16>) {
+        let code = code.map_or_else(|| "none".to_owned(), |c| c.to_string());
+        self.closes.get_or_create(&CloseLabels { by, code }).inc();
     }
 
     pub fn create(&self) -> Arc<ClientChannel> {

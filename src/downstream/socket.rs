@@ -92,8 +92,8 @@ pub fn in_band(text: &str) -> InBand {
 
 /// How the serve loop ended.
 enum End {
-    /// The client sent a Close: answer it.
-    ClosedByClient,
+    /// The client sent a Close (with this code, if any): answer it.
+    ClosedByClient(Option<u16>),
     /// The connection is gone (or failed): nothing more can be said.
     Gone,
     /// The proxy closes, with this code and reason.
@@ -159,7 +159,9 @@ impl ClientSocket {
                         }
                         InBand::Other => {}
                     },
-                    Some(Ok(Message::Close(_))) => break End::ClosedByClient,
+                    Some(Ok(Message::Close(frame))) => {
+                        break End::ClosedByClient(frame.map(|f| u16::from(f.code)));
+                    }
                     Some(Err(_)) | None => break End::Gone,
                     Some(Ok(_)) => {}
                 },
@@ -180,6 +182,11 @@ impl ClientSocket {
                 _ = self.shutdown.cancelled() => break End::Close(CloseCode::Away, "proxy shutting down"),
             }
         };
+        match &end {
+            End::ClosedByClient(code) => self.sessions.count_close("client", *code),
+            End::Gone => self.sessions.count_close("client", None),
+            End::Close(code, _) => self.sessions.count_close("proxy", Some(u16::from(*code))),
+        }
         close(&mut socket, end).await;
         self.channel.outbox.detach(generation);
         // Frames queued for this socket and never written are lost to it: the
@@ -226,7 +233,7 @@ async fn close(socket: &mut ServerSocket, end: End) {
         match end {
             // tungstenite queued the answering Close on reading the client's; a flush
             // sends it (a send would be refused: the socket is closing).
-            End::ClosedByClient => {
+            End::ClosedByClient(_) => {
                 let _ = socket.flush().await;
             }
             End::Gone => {}

@@ -15,8 +15,9 @@
 //! However the task ends, a panic included, the channel's topics move on and its slot
 //! is given back once the channel is gone upstream (see [`EndGuard`]).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -36,6 +37,12 @@ use crate::bounds;
 use crate::config::Config;
 use crate::frame::{self, UpstreamFrame};
 use crate::genesys::{CreatedChannel, Genesys, UpstreamError, UpstreamSocket};
+use crate::metrics::Registry;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
 
 /// How long the first pong may take on a new socket.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +64,9 @@ pub struct Parts {
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     lead_clamp_warned: AtomicBool,
+    /// When each live channel's pinned token expires (for
+    /// `handover_token_expires_in_seconds`).
+    expiries: Mutex<BTreeMap<ChannelKey, Instant>>,
 }
 
 impl Parts {
@@ -76,7 +86,16 @@ impl Parts {
             tasks,
             shutdown,
             lead_clamp_warned: AtomicBool::new(false),
+            expiries: Mutex::default(),
         })
+    }
+
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register_collector(Box::new(TokenExpiries(self.clone())));
+    }
+
+    fn expiries(&self) -> std::sync::MutexGuard<'_, BTreeMap<ChannelKey, Instant>> {
+        self.expiries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The lead actually used for a token of `lifetime`: at most half of it.
@@ -95,6 +114,39 @@ impl Parts {
         } else {
             lead
         }
+    }
+}
+
+/// `handover_token_expires_in_seconds{channel}`: how long each live channel's pinned
+/// token has left. A channel hands over `lead` before; one near zero has no successor.
+struct TokenExpiries(Arc<Parts>);
+
+impl std::fmt::Debug for TokenExpiries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenExpiries")
+    }
+}
+
+impl Collector for TokenExpiries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = Instant::now();
+        let left: Vec<(ChannelKey, f64)> = self
+            .0
+            .expiries()
+            .iter()
+            .map(|(key, at)| (*key, at.saturating_duration_since(now).as_secs_f64()))
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "token_expires_in",
+            "How long each live channel's pinned token has left; the channel hands over well before it runs out.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for (key, seconds) in left {
+            let labels = [("channel", format!("ch-{key}"))];
+            ConstGauge::new(seconds).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -143,6 +195,7 @@ impl Drop for EndGuard {
             "upstream channel task panicked: its topics move to a new channel"
         );
         let key = self.key;
+        self.parts.expiries().remove(&key);
         self.pool.report(key, Report::SocketClosed);
         self.pool.report(
             key,
@@ -518,6 +571,7 @@ impl Live {
             return Ending::Shutdown;
         };
         self.live = true;
+        parts.expiries().insert(key, self.token.expires_at);
         let heartbeat = parts.config.load().upstream.heartbeat;
         // Per frame, only `last_frame` is updated: the silence watch looks at it a few
         // times per heartbeat interval, and the pool is consulted only when it wakes us.
@@ -605,6 +659,7 @@ impl Live {
 
     async fn finish(mut self, task: &Task, ending: Ending) {
         let (pool, parts, key) = (&task.pool, &task.parts, task.key);
+        parts.expiries().remove(&key);
         match ending {
             Ending::Retired { at_once } => {
                 if !at_once && !self.overlap(task).await {

@@ -8,10 +8,9 @@
 //! the channel is gone upstream ([`Pool::gone`]). Channel tasks are started by an
 //! injected spawner, so the pool knows nothing of how a channel is driven.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -23,12 +22,22 @@ use super::state::{
     Refusal, TopicOutcome,
 };
 use crate::config::Config;
+use crate::metrics::{Readings, Registry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
 
 /// Starts the task that drives channel `key`.
 pub type Spawner = Box<dyn Fn(&Arc<Pool>, ChannelKey) + Send + Sync>;
 
-/// How many completed handovers `recent_handovers` remembers.
-const RECENT_HANDOVERS: usize = 1000;
+/// Buckets of `handover_handover_duration_seconds`: a handover takes a few hundred
+/// milliseconds (a mint, a channel, a socket, a subscription), more when it waits for
+/// the spare slot.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
+];
 
 /// What a channel task tells the pool.
 #[derive(Debug)]
@@ -52,13 +61,36 @@ pub enum Report<'a> {
     },
 }
 
-/// One completed handover: when it completed, and how long it took from the start of
-/// the successor's build to the switch.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct HandoverRecord {
-    pub completed_at_ms: u64,
-    pub duration_ms: f64,
-    pub reason: HandoverReason,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// What the pool counts (registered by [`Pool::register_metrics`]).
+struct PoolMetrics {
+    /// Planned handovers completed, by reason, and how long each took from the start
+    /// of the successor's build to the switch.
+    handovers: Family<ReasonLabels, Counter>,
+    durations: Family<ReasonLabels, Histogram, fn() -> Histogram>,
+    /// All of them, whatever the reason (for the demo and tests).
+    completed: Counter,
+    /// Channels rebuilt after an unplanned loss (clients got a gap notice).
+    rebuilds: Counter,
+}
+
+impl Default for PoolMetrics {
+    fn default() -> Self {
+        Self {
+            handovers: Family::default(),
+            durations: Family::new_with_constructor(duration_histogram),
+            completed: Counter::default(),
+            rebuilds: Counter::default(),
+        }
+    }
 }
 
 struct Shared {
@@ -73,12 +105,7 @@ pub struct Pool {
     spawner: OnceLock<Spawner>,
     delivery: Arc<dyn Delivery>,
     shutdown: CancellationToken,
-    /// Planned handovers completed (a successor went live and its predecessor retired).
-    pub handovers: AtomicU64,
-    /// The most recent completed handovers, for the admin listener and the benches.
-    recent_handovers: Mutex<VecDeque<HandoverRecord>>,
-    /// Channels rebuilt after an unplanned loss.
-    pub rebuilds: AtomicU64,
+    metrics: PoolMetrics,
     /// Test seam: channel tasks told to panic at their next wake-up.
     #[cfg(feature = "test-util")]
     injected_panics: Mutex<std::collections::HashSet<ChannelKey>>,
@@ -109,9 +136,7 @@ impl Pool {
             spawner: OnceLock::new(),
             delivery,
             shutdown,
-            handovers: AtomicU64::new(0),
-            recent_handovers: Mutex::default(),
-            rebuilds: AtomicU64::new(0),
+            metrics: PoolMetrics::default(),
             #[cfg(feature = "test-util")]
             injected_panics: Mutex::default(),
         })
@@ -171,8 +196,15 @@ impl Pool {
                 reason,
                 took,
             } => {
-                self.handovers.fetch_add(1, Ordering::Relaxed);
-                self.record_handover(took, reason);
+                let labels = ReasonLabels {
+                    reason: reason.as_str(),
+                };
+                self.metrics.handovers.get_or_create(&labels).inc();
+                self.metrics
+                    .durations
+                    .get_or_create(&labels)
+                    .observe(took.as_secs_f64());
+                self.metrics.completed.inc();
                 tracing::info!(
                     channel = format!("ch-{channel}"),
                     predecessor = format!("ch-{predecessor}"),
@@ -183,7 +215,7 @@ impl Pool {
                 );
             }
             Effect::Rebuilt { channel, topics } => {
-                self.rebuilds.fetch_add(1, Ordering::Relaxed);
+                self.metrics.rebuilds.inc();
                 tracing::warn!(
                     channel = format!("ch-{channel}"),
                     topics,
@@ -265,32 +297,58 @@ impl Pool {
         self.shared().state.channels()
     }
 
-    /// The most recent completed handovers, oldest first.
-    pub fn recent_handovers(&self) -> Vec<HandoverRecord> {
-        self.recent_handovers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+    /// Planned handovers completed so far.
+    pub fn handovers(&self) -> u64 {
+        self.metrics.completed.get()
     }
 
-    fn record_handover(&self, took: Duration, reason: HandoverReason) {
-        let mut recent = self
-            .recent_handovers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if recent.len() == RECENT_HANDOVERS {
-            recent.pop_front();
-        }
-        recent.push_back(HandoverRecord {
-            completed_at_ms: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default(),
-            duration_ms: took.as_secs_f64() * 1000.0,
-            reason,
-        });
+    /// Channels rebuilt after an unplanned loss so far.
+    pub fn rebuilds(&self) -> u64 {
+        self.metrics.rebuilds.get()
+    }
+
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "handovers",
+            "Planned make-before-break handovers completed, by reason (expiry, maintenance, drain, resync).",
+            self.metrics.handovers.clone(),
+        );
+        registry.register_with_unit(
+            "handover_duration",
+            "How long a handover took, from the start of its successor's build to the switch.",
+            Unit::Seconds,
+            self.metrics.durations.clone(),
+        );
+        registry.register(
+            "rebuilds",
+            "Upstream channels rebuilt after an unplanned loss (their clients got a gap notice).",
+            self.metrics.rebuilds.clone(),
+        );
+        let (channels, sockets, used, free) =
+            (self.clone(), self.clone(), self.clone(), self.clone());
+        Readings::new()
+            .gauge(
+                "upstream_channels",
+                "Upstream channels, until each is gone upstream.",
+                move || channels.channels().len() as i64,
+            )
+            .gauge("upstream_sockets", "Upstream sockets open.", move || {
+                sockets.channels().iter().filter(|c| c.socket_open).count() as i64
+            })
+            .gauge(
+                "budget_slots_used",
+                "Budget slots held by upstream channels (a channel holds one until it is gone upstream).",
+                move || used.channels().iter().filter(|c| c.holds_slot).count() as i64,
+            )
+            .gauge(
+                "budget_slots_free",
+                "Budget slots free (upstream.max_channels minus those held).",
+                move || {
+                    let held = free.channels().iter().filter(|c| c.holds_slot).count();
+                    free.limits().max_channels.saturating_sub(held) as i64
+                },
+            )
+            .register(registry);
     }
 
     // ---- for channel tasks --------------------------------------------------------------

@@ -7,7 +7,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::process::Command;
 
-const PYTHON_PACKAGES: [&str; 2] = ["purecloudplatformclientv2==269.0.0", "websockets==17.4"];
+const PYTHON_PACKAGES: [&str; 3] = [
+    "purecloudplatformclientv2==269.0.0",
+    "websockets==17.4",
+    "prometheus-client==0.26.0",
+];
 const NODE_PACKAGES: [&str; 1] = ["ws@8.23.1"];
 
 /// The Python packages' directory (for `PYTHONPATH`).
@@ -15,7 +19,10 @@ pub async fn python_deps(python: &str) -> String {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/python");
     let importable = || async {
         Command::new(python)
-            .args(["-c", "import PureCloudPlatformClientV2, websockets"])
+            .args([
+                "-c",
+                "import PureCloudPlatformClientV2, websockets, prometheus_client",
+            ])
             .env("PYTHONPATH", dir)
             .status()
             .await
@@ -126,4 +133,34 @@ pub fn spawn_close_client(
         arg.map(str::to_owned),
     );
     tokio::spawn(async move { close_client(&language, &url, &mode, arg.as_deref()).await })
+}
+
+/// `text` (an OpenMetrics exposition) parsed by the Prometheus project's own parser,
+/// strictly: `{family: {"type", "samples": [[name, labels, value]]}}`.
+pub async fn parse_metrics(text: &str) -> Value {
+    use tokio::io::AsyncWriteExt;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let deps = python_deps(&python).await;
+    let mut child = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/parse_metrics.py"
+        ))
+        .env("PYTHONPATH", deps)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "the exposition does not parse: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }

@@ -279,3 +279,20 @@ pub mod clients;
 pub mod hostile;
 pub mod proxy;
 pub mod serve;
+
+/// The value of metric `name` at the admin listener `admin`, summed over the label
+/// sets that carry every one of `labels` (`outcome="failed"`); `None` if it has none.
+pub async fn metric(admin: &Api, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = admin.get("/metrics").await.body;
+    let mut found = None;
+    for line in text.as_str()?.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+        if series_name == name && labels.iter().all(|l| series_labels.contains(l)) {
+            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    found
+}
