@@ -117,6 +117,15 @@ impl TokenSource {
     }
 
     pub fn register_metrics(&self, registry: &mut Registry) {
+        // Every configured credential set and outcome from zero.
+        for credential in &self.config.load().credentials {
+            for outcome in ["minted", "rejected", "failed"] {
+                self.mints.get_or_create(&MintLabels {
+                    credential: credential.name.clone(),
+                    outcome,
+                });
+            }
+        }
         registry.register(
             "token_mints",
             "Token mints by credential set and outcome (minted, rejected: the secret was refused, failed: throttled, 5xx or unreachable).",

@@ -81,6 +81,11 @@ struct CloseLabels {
     code: String,
 }
 
+fn close_labels(by: &'static str, code: Option<u16>) -> CloseLabels {
+    let code = code.map_or_else(|| "none".to_owned(), |c| c.to_string());
+    CloseLabels { by, code }
+}
+
 /// How a subscription call changes a channel's topics.
 pub enum Change {
     Add(Vec<String>),
@@ -127,6 +132,17 @@ impl Sessions {
     }
 
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        // The usual ends from zero, so that dashboards see the series.
+        for (by, code) in [
+            ("client", Some(1000)),
+            ("client", None),
+            ("proxy", Some(1000)),
+            ("proxy", Some(1001)),
+            ("proxy", Some(1012)),
+            ("proxy", Some(1013)),
+        ] {
+            self.closes.get_or_create(&close_labels(by, code));
+        }
         registry.register(
             "client_closes",
             "Client sockets ended, by who ended them (client, proxy) and close code (none: the connection went away).",
@@ -147,8 +163,7 @@ impl Sessions {
 
     /// Counts a client socket's end.
     pub fn count_close(&self, by: &'static str, code: Option<u16>) {
-        let code = code.map_or_else(|| "none".to_owned(), |c| c.to_string());
-        self.closes.get_or_create(&CloseLabels { by, code }).inc();
+        self.closes.get_or_create(&close_labels(by, code)).inc();
     }
 
     pub fn create(&self) -> Arc<ClientChannel> {

@@ -308,6 +308,14 @@ impl Pool {
     }
 
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        // Every reason from zero, so that dashboards and alerts see the series.
+        for reason in HandoverReason::ALL {
+            let labels = ReasonLabels {
+                reason: reason.as_str(),
+            };
+            self.metrics.handovers.get_or_create(&labels);
+            self.metrics.durations.get_or_create(&labels);
+        }
         registry.register(
             "handovers",
             "Planned make-before-break handovers completed, by reason (expiry, maintenance, drain, resync).",

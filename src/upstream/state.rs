@@ -103,6 +103,9 @@ pub enum HandoverReason {
 }
 
 impl HandoverReason {
+    pub const ALL: [HandoverReason; 4] =
+        [Self::Expiry, Self::Maintenance, Self::Drain, Self::Resync];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Expiry => "expiry",
