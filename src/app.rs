@@ -77,14 +77,6 @@ impl Proxy {
                 addr: config.admin.listen,
                 error,
             })?;
-        // The default public URL names the listen address; with port 0 only the bound
-        // address is reachable.
-        let public_url = if config.server.public_url == format!("ws://{}", config.server.listen) {
-            format!("ws://{client_addr}")
-        } else {
-            config.server.public_url.clone()
-        };
-
         let genesys = Arc::new(Genesys::new(
             &config.genesys.login_url,
             &config.genesys.api_url,
@@ -95,7 +87,6 @@ impl Proxy {
         let drain = Arc::new(Drain::default());
         let tasks = TaskTracker::new();
         let router = Arc::new(Router::new(dedup_window(&config)));
-        let heartbeat = config.server.heartbeat;
         let client_idle = config.server.client_idle;
         let config = Arc::new(ArcSwap::from_pointee(config));
         let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
@@ -122,8 +113,8 @@ impl Proxy {
 
         let downstream = Arc::new(Downstream {
             sessions: sessions.clone(),
-            public_url,
-            heartbeat,
+            config: config.clone(),
+            client_addr,
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
             drain: drain.clone(),
@@ -196,19 +187,26 @@ impl Proxy {
 
     /// Applies a new config: credentials, limits and timings take effect for the next
     /// decision; listeners stay as they are (changing them needs a restart).
-    pub fn reload(&self, config: Config) {
-        let current = self.config.load();
-        if config.server.listen != current.server.listen
-            || config.admin.listen != current.admin.listen
-        {
-            tracing::warn!("listen addresses changed: they take effect at the next restart");
+    ///
+    /// Every key takes effect at the next decision that reads it (README, "Reloading"),
+    /// except the few the process binds or builds at start: those are warned about and
+    /// returned.
+    pub fn reload(&self, config: Config) -> Vec<&'static str> {
+        let restart_only = restart_only_changes(&self.config.load(), &config);
+        for key in &restart_only {
+            tracing::warn!(
+                key,
+                "changed in the config: it takes effect at the next restart"
+            );
         }
         self.pool.reload(pool::limits(&config));
+        self.router.set_dedup_window(dedup_window(&config));
         self.config.store(Arc::new(config));
         let tokens = self.tokens.clone();
         self.pool
             .credentials_changed(&|name| tokens.is_draining(name));
         tracing::info!("configuration reloaded");
+        restart_only
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -335,6 +333,28 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|error| StartError::Listen { addr, error })
+}
+
+/// The keys whose change needs a restart: the listeners are bound, the Genesys client
+/// built and the log format set up once, at start.
+fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
+    [
+        ("server.listen", current.server.listen != next.server.listen),
+        ("admin.listen", current.admin.listen != next.admin.listen),
+        (
+            "genesys.login_url",
+            current.genesys.login_url != next.genesys.login_url,
+        ),
+        (
+            "genesys.api_url",
+            current.genesys.api_url != next.genesys.api_url,
+        ),
+        ("log.format", current.log != next.log),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(key, _)| key)
+    .collect()
 }
 
 /// Longer than the longest an old channel keeps delivering after a switch (its

@@ -120,7 +120,7 @@ impl TokenSource {
         // Every configured credential set and outcome from zero.
         for credential in &self.config.load().credentials {
             for outcome in ["minted", "rejected", "failed"] {
-                self.mints.get_or_create(&MintLabels {
+                let _ = self.mints.get_or_create(&MintLabels {
                     credential: credential.name.clone(),
                     outcome,
                 });

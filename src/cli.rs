@@ -152,7 +152,7 @@ async fn serve(path: &Path, log_format: Option<LogFormat>) -> anyhow::Result<()>
         tokio::select! {
             _ = shutdown_signal() => break,
             _ = hangups.recv() => match Config::load(path) {
-                Ok(config) => proxy.reload(config),
+                Ok(config) => { proxy.reload(config); }
                 Err(error) => tracing::error!(%error, "the changed configuration is invalid: keeping the current one"),
             },
         }

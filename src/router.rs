@@ -377,6 +377,17 @@ impl Router {
         }
     }
 
+    /// How long an event is remembered at least, to drop its second copy.
+    pub fn dedup_window(&self) -> Duration {
+        self.dedup.lock().unwrap_or_else(|p| p.into_inner()).window
+    }
+
+    /// A new window, from a reloaded `overlap` or upstream heartbeat; it applies from
+    /// the next rotation of the remembered keys.
+    pub fn set_dedup_window(&self, window: Duration) {
+        self.dedup.lock().unwrap_or_else(|p| p.into_inner()).window = window;
+    }
+
     /// How many topics have at least one subscriber.
     pub fn topic_count(&self) -> usize {
         self.subscriptions

@@ -7,7 +7,10 @@ pub mod error;
 pub mod sessions;
 pub mod socket;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -17,6 +20,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
 use crate::drain::Drain;
 use crate::http_server::{self, Request, Response, json, query_param};
 use crate::router::gap_frame;
@@ -27,9 +31,12 @@ use socket::ClientSocket;
 
 pub struct Downstream {
     pub sessions: Arc<Sessions>,
-    /// `ws://host:port` (no trailing slash): the base of every `connectUri`.
-    pub public_url: String,
-    pub heartbeat: std::time::Duration,
+    /// Read at each decision: `server.public_url` for a new channel's `connectUri`,
+    /// `server.heartbeat` for a new socket.
+    pub config: Arc<ArcSwap<Config>>,
+    /// The client listener's bound address: the default `public_url` names it (with
+    /// port 0 only the bound address is reachable).
+    pub client_addr: SocketAddr,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     pub drain: Arc<Drain>,
@@ -96,6 +103,16 @@ impl Downstream {
             .ok_or_else(|| ClientError::not_found(format!("Channel {id} not found")))
     }
 
+    /// The base of every `connectUri` (`ws://host:port`, no trailing slash).
+    fn public_url(&self) -> String {
+        let server = &self.config.load().server;
+        if server.public_url == format!("ws://{}", server.listen) {
+            format!("ws://{}", self.client_addr)
+        } else {
+            server.public_url.clone()
+        }
+    }
+
     /// `POST /api/v2/notifications/channels` (any body, including the SDK's `null`).
     fn create_channel(&self) -> Response {
         let channel = self.sessions.create();
@@ -103,7 +120,7 @@ impl Downstream {
             StatusCode::OK,
             &json!({
                 "id": channel.id,
-                "connectUri": format!("{}/channels/{}", self.public_url, channel.id),
+                "connectUri": format!("{}/channels/{}", self.public_url(), channel.id),
                 "expires": humantime::format_rfc3339_millis(channel.expires).to_string(),
             }),
         )
@@ -203,7 +220,7 @@ impl Downstream {
         let client = ClientSocket {
             channel: channel.clone(),
             sessions: self.sessions.clone(),
-            heartbeat: self.heartbeat,
+            heartbeat: self.config.load().server.heartbeat,
             shutdown: self.shutdown.clone(),
             drain: self.drain.clone(),
         };

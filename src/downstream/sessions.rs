@@ -141,7 +141,7 @@ impl Sessions {
             ("proxy", Some(1012)),
             ("proxy", Some(1013)),
         ] {
-            self.closes.get_or_create(&close_labels(by, code));
+            let _ = self.closes.get_or_create(&close_labels(by, code));
         }
         registry.register(
             "client_closes",

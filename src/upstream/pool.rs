@@ -313,8 +313,8 @@ impl Pool {
             let labels = ReasonLabels {
                 reason: reason.as_str(),
             };
-            self.metrics.handovers.get_or_create(&labels);
-            self.metrics.durations.get_or_create(&labels);
+            let _ = self.metrics.handovers.get_or_create(&labels);
+            let _ = self.metrics.durations.get_or_create(&labels);
         }
         registry.register(
             "handovers",
