@@ -357,11 +357,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// Longer than the longest an old channel keeps delivering after a switch (its
-/// overlap plus one heartbeat interval: see `Live::overlap`), which bounds the skew
-/// between the two copies of an event.
+/// Twice the longest an old channel keeps delivering after a switch
+/// (`channel::longest_drain`), which bounds the skew between an event's two copies.
 fn dedup_window(config: &Config) -> Duration {
-    ((config.handover.overlap + config.upstream.heartbeat) * 2).max(Duration::from_secs(10))
+    channel::longest_drain(config.handover.overlap, config.upstream.heartbeat) * 2
 }
 
 async fn close_idle_channels(

@@ -516,9 +516,14 @@ impl Live {
         task.pool.generation(task.key) != self.planned_generation
     }
 
-    /// When this channel should hand over: before its token or the channel expires,
-    /// jittered so that channels do not move in lockstep.
-    fn handover_at(&self, parts: &Parts) -> Instant {
+    /// When this channel should hand over: `lead` before its token or the channel
+    /// expires, jittered so that channels do not move in lockstep, and moved by the
+    /// pool (as early as twice the lead, as late as three quarters of it) so that it
+    /// does not share the spare slot with another channel's handover, which holds it
+    /// about an overlap and half a second. Channels created together (at start) thus
+    /// spread out at their first handover and stay apart.
+    fn handover_at(&self, task: &Task) -> Instant {
+        let parts = &task.parts;
         let lead = parts.lead_for(self.token.lifetime);
         let jitter = lead.mul_f64(rand::random_range(0.0..=0.25));
         let channel_expiry = self
@@ -528,9 +533,20 @@ impl Live {
             .map(bounds::after)
             .unwrap_or(self.token.expires_at);
         let expiry = self.token.expires_at.min(channel_expiry);
-        expiry
-            .checked_sub(lead.saturating_add(jitter))
-            .unwrap_or_else(Instant::now)
+        let at = |before: Duration| expiry.checked_sub(before).unwrap_or_else(Instant::now);
+        let preferred = at(lead.saturating_add(jitter));
+        let window = (
+            at(lead.saturating_mul(2)).max(Instant::now()),
+            at(lead.mul_f64(0.75)),
+        );
+        let spacing = parts
+            .config
+            .load()
+            .handover
+            .overlap
+            .saturating_add(Duration::from_millis(500));
+        task.pool
+            .schedule_handover(task.key, window, preferred, spacing)
     }
 
     /// Touches the token (`GET /api/v2/tokens/me`) and schedules the next touch at half
@@ -577,7 +593,7 @@ impl Live {
         // times per heartbeat interval, and the pool is consulted only when it wakes us.
         let mut silence_watch = tokio::time::interval(heartbeat / 4);
         silence_watch.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let handover = tokio::time::sleep_until(self.handover_at(parts));
+        let handover = tokio::time::sleep_until(self.handover_at(task));
         tokio::pin!(handover);
         let mut handover_armed = true;
         let mut pinged = false;
@@ -705,9 +721,9 @@ impl Live {
     /// Keeps routing events after the switch until the old socket has delivered what
     /// Genesys queued on it before its successor was subscribed: a ping sent at the
     /// switch is answered after those frames (a lagging socket, say under network
-    /// congestion, may hold seconds of them). At least `overlap`; at most `overlap`
-    /// plus one heartbeat interval. Returns whether the old socket caught up: if it did
-    /// not, what it still held is lost (and must be announced).
+    /// congestion, may hold seconds of them). At least `overlap`; at most
+    /// [`longest_drain`]. Returns whether the old socket caught up: if it did not, what
+    /// it still held is lost (and must be announced).
     async fn overlap(&mut self, task: &Task) -> bool {
         let parts = &task.parts;
         let (overlap, heartbeat) = {
@@ -715,7 +731,7 @@ impl Live {
             (config.handover.overlap, config.upstream.heartbeat)
         };
         let at_least = bounds::after(overlap);
-        let at_most = bounds::after(overlap.saturating_add(heartbeat));
+        let at_most = bounds::after(longest_drain(overlap, heartbeat));
         if self.socket.send(Message::text(frame::PING)).await.is_err() {
             return false;
         }
@@ -750,6 +766,15 @@ impl Live {
             }
         }
     }
+}
+
+/// The longest a replaced channel keeps delivering after the switch: its overlap, plus
+/// at most a heartbeat interval (5 s at most) to catch up. A socket that lags more is
+/// announced as a gap rather than waited for, so that the router's dedup window (which
+/// must outlast it) stays small.
+pub fn longest_drain(overlap: Duration, heartbeat: Duration) -> Duration {
+    const CATCH_UP: Duration = Duration::from_secs(5);
+    overlap.saturating_add(heartbeat.min(CATCH_UP))
 }
 
 /// Retires a token with `DELETE /api/v2/tokens/me`, which ends its channel upstream.

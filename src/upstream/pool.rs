@@ -416,6 +416,20 @@ impl Pool {
         }
     }
 
+    /// When channel `key` should start its planned handover (see
+    /// [`PoolState::schedule_handover`]).
+    pub fn schedule_handover(
+        &self,
+        key: ChannelKey,
+        window: (Instant, Instant),
+        preferred: Instant,
+        spacing: std::time::Duration,
+    ) -> Instant {
+        self.shared()
+            .state
+            .schedule_handover(key, window, preferred, spacing)
+    }
+
     /// Retires channel `key` if it has carried no topic for the idle timeout; `true` if
     /// it now retires.
     pub fn idle_check(&self, key: ChannelKey) -> bool {

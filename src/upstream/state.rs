@@ -219,6 +219,9 @@ pub struct PoolState {
     next_batch: Batch,
     topics: HashMap<String, Placement>,
     channels: BTreeMap<ChannelKey, Entry>,
+    /// When each serving channel will start its planned handover: kept apart, so that
+    /// two rarely need the spare slot at once.
+    due: BTreeMap<ChannelKey, Instant>,
     /// Test switch: hand over break-before-make, so tests can prove they see gaps.
     break_before_make: bool,
 }
@@ -231,6 +234,7 @@ impl PoolState {
             next_batch: 0,
             topics: HashMap::new(),
             channels: BTreeMap::new(),
+            due: BTreeMap::new(),
             break_before_make: false,
         }
     }
@@ -428,6 +432,7 @@ impl PoolState {
     /// got that far: its slot is free and it is forgotten. Its topics must have moved
     /// on ([`PoolState::lost`]) unless the proxy is shutting down.
     pub fn gone(&mut self, key: ChannelKey) -> Effects {
+        self.due.remove(&key);
         match self.channels.remove(&key) {
             Some(_) => vec![Effect::SlotFreed],
             None => Vec::new(),
@@ -556,6 +561,7 @@ impl PoolState {
         if entry.role != Role::Serving {
             return Vec::new();
         }
+        self.due.remove(&key);
         let desired = entry.desired.clone();
         let break_before_make = self.break_before_make;
         let successor = self.new_entry(
@@ -575,6 +581,35 @@ impl PoolState {
             entry.role = Role::HandingOver { successor };
         }
         vec![Effect::Spawn(successor), Effect::Wake(key)]
+    }
+
+    /// When channel `key` should start its planned handover: the time nearest to
+    /// `preferred`, within `[earliest, latest]`, that is `spacing` apart from every
+    /// other channel's (a handover holds the spare slot from its successor's build
+    /// until its predecessor is gone upstream); `preferred` if there is none.
+    pub fn schedule_handover(
+        &mut self,
+        key: ChannelKey,
+        window: (Instant, Instant),
+        preferred: Instant,
+        spacing: Duration,
+    ) -> Instant {
+        let (earliest, latest) = window;
+        self.due.remove(&key);
+        let others: Vec<Instant> = self.due.values().copied().collect();
+        let apart = |a: Instant, b: Instant| if a > b { a - b } else { b - a };
+        let free = |at: Instant| others.iter().all(|other| apart(at, *other) >= spacing);
+        let candidates = std::iter::once(preferred).chain(others.iter().flat_map(|other| {
+            [other.checked_sub(spacing), other.checked_add(spacing)]
+                .into_iter()
+                .flatten()
+        }));
+        let chosen = candidates
+            .filter(|at| *at >= earliest && *at <= latest && free(*at))
+            .min_by_key(|at| apart(*at, preferred))
+            .unwrap_or(preferred);
+        self.due.insert(key, chosen);
+        chosen
     }
 
     /// Credential sets that drain: every serving channel pinned to one hands over.
@@ -600,6 +635,7 @@ impl PoolState {
     /// go to a successor (a new one, or the one being built), which tells the affected
     /// clients about the gap once it is live.
     pub fn lost(&mut self, key: ChannelKey, now: Instant, since: SystemTime) -> Effects {
+        self.due.remove(&key);
         let Some(entry) = self.channels.get_mut(&key) else {
             return Vec::new();
         };
@@ -704,6 +740,7 @@ impl PoolState {
         if idle {
             entry.role = Role::Retiring;
             entry.retire_at_once = true;
+            self.due.remove(&key);
         }
         idle
     }
@@ -910,6 +947,46 @@ mod tests {
         assert_eq!(state.grant_slot(3), Grant::Gone);
         assert_eq!(state.gone(1), [Effect::SlotFreed]);
         state.check(later).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handovers_are_spaced_so_that_they_rarely_share_the_spare_slot() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let mut state = PoolState::new(limits(4, 10));
+        let spacing = s(2);
+        let window = (now + s(50), now + s(64));
+        assert_eq!(
+            state.schedule_handover(1, window, now + s(60), spacing),
+            now + s(60)
+        );
+        // Due at the same time: moved just far enough (earlier or later, the nearer).
+        assert_eq!(
+            state.schedule_handover(2, window, now + s(60), spacing),
+            now + s(58)
+        );
+        assert_eq!(
+            state.schedule_handover(3, window, now + s(61), spacing),
+            now + s(62)
+        );
+        // No room in its window: it keeps its preferred time.
+        let narrow = (now + s(59), now + s(61));
+        assert_eq!(
+            state.schedule_handover(4, narrow, now + s(59), spacing),
+            now + s(59)
+        );
+        // Far from the others: as preferred.
+        assert_eq!(
+            state.schedule_handover(5, (now, now + s(30)), now + s(20), spacing),
+            now + s(20)
+        );
+        // A channel that hands over (or is gone) frees its time.
+        state.gone(1);
+        state.gone(4);
+        assert_eq!(
+            state.schedule_handover(6, window, now + s(60), spacing),
+            now + s(60)
+        );
     }
 
     #[tokio::test(start_paused = true)]
