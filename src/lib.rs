@@ -16,6 +16,7 @@ pub mod demo;
 pub mod downstream;
 pub mod drain;
 pub mod frame;
+pub mod front;
 pub mod genesys;
 pub mod http_server;
 pub mod mock;
