@@ -15,11 +15,16 @@ use crate::admin::Admin;
 use crate::auth::TokenSource;
 use crate::config::Config;
 use crate::downstream::Downstream;
+use crate::downstream::available::AvailableTopics;
+use crate::downstream::peers::Peers;
 use crate::downstream::sessions::Sessions;
+use crate::downstream::subscribe::Subscriptions;
 use crate::drain::Drain;
 use crate::genesys::{Genesys, UpstreamError};
 use crate::http_server::{self, Request};
 use crate::router::Router;
+use crate::tls::Roots;
+use crate::tls_server::ServerTls;
 use crate::upstream::channel::{self, Parts};
 use crate::upstream::pool::{self, Pool};
 
@@ -32,7 +37,16 @@ pub enum StartError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls_server::TlsError),
+    #[error(transparent)]
+    Roots(#[from] crate::tls::RootsError),
+    #[error("{0}")]
+    AdminToken(String),
 }
+
+/// Connections the admin listener takes at once: probes, scrapes and an operator.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// A running proxy.
 pub struct Proxy {
@@ -55,6 +69,8 @@ pub struct Proxy {
     /// proxy shuts down.
     admin_stop: CancellationToken,
     admin_server: tokio::task::JoinHandle<()>,
+    /// The client listener's certificate, when it serves TLS.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Proxy {
@@ -76,15 +92,29 @@ impl Proxy {
             })?;
         // The default public URL names the listen address; with port 0 only the bound
         // address is reachable.
-        let public_url = if config.server.public_url == format!("ws://{}", config.server.listen) {
-            format!("ws://{client_addr}")
+        let scheme = if config.server.tls.is_some() {
+            "wss"
         } else {
-            config.server.public_url.clone()
+            "ws"
         };
-
+        let public_url =
+            if config.server.public_url == format!("{scheme}://{}", config.server.listen) {
+                format!("{scheme}://{client_addr}")
+            } else {
+                config.server.public_url.clone()
+            };
+        let tls = match &config.server.tls {
+            Some(files) => Some(ServerTls::load(&files.cert_file, &files.key_file)?),
+            None => None,
+        };
+        if let Some(path) = &config.admin.token_file {
+            crate::admin::read_token(path).map_err(StartError::AdminToken)?;
+        }
+        let roots = Roots::with_ca_file(config.genesys.ca_file.as_deref())?;
         let genesys = Arc::new(Genesys::new(
             &config.genesys.login_url,
             &config.genesys.api_url,
+            &roots,
         )?);
         let shutdown = CancellationToken::new();
         let accepting = shutdown.child_token();
@@ -106,6 +136,7 @@ impl Proxy {
             router.clone(),
             shutdown.clone(),
         );
+        let genesys_for_topics = genesys.clone();
         pool.set_spawner(channel::spawner(Parts::new(
             genesys,
             tokens.clone(),
@@ -115,6 +146,18 @@ impl Proxy {
             shutdown.clone(),
         )));
         let sessions = Arc::new(Sessions::new(router.clone(), pool.clone(), tasks.clone()));
+        let peers = Arc::new(Peers::default());
+        let subscriptions = Arc::new(Subscriptions {
+            sessions: sessions.clone(),
+            peers: peers.clone(),
+            config: config.clone(),
+            tasks: tasks.clone(),
+        });
+        let (client_options, admin_options) = listener_options(&config.load(), tls.clone());
+        let tls_for_reload = tls.clone();
+        if let Some(tls) = tls {
+            tasks.spawn(tls.watch(shutdown.clone()));
+        }
 
         let downstream = Arc::new(Downstream {
             sessions: sessions.clone(),
@@ -123,6 +166,10 @@ impl Proxy {
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
             drain: drain.clone(),
+            config: config.clone(),
+            peers,
+            subscriptions,
+            available: Arc::new(AvailableTopics::new(genesys_for_topics, tokens.clone())),
         });
         let admin = Arc::new(Admin {
             tokens: tokens.clone(),
@@ -132,16 +179,19 @@ impl Proxy {
             config: config.clone(),
             shutdown: stopping.clone(),
             tasks: tasks.clone(),
+            token_file: config.load().admin.token_file.clone(),
         });
-        tasks.spawn(http_server::serve(
+        tasks.spawn(http_server::serve_with(
             client_listener,
+            client_options,
             move |req: Request| downstream.clone().handle(req),
             accepting.clone(),
         ));
         let admin_stop = CancellationToken::new();
-        let admin_server = tokio::spawn(http_server::serve(
+        let admin_server = tokio::spawn(http_server::serve_with(
             admin_listener,
-            move |req: Request| admin.clone().handle(req),
+            admin_options,
+            move |req: Request| admin.clone().handle_logged(req),
             admin_stop.clone(),
         ));
         tasks.spawn(close_idle_channels(
@@ -165,6 +215,7 @@ impl Proxy {
             tasks,
             admin_stop,
             admin_server,
+            tls: tls_for_reload,
         })
     }
 
@@ -177,12 +228,31 @@ impl Proxy {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
+        if !listeners_alike(&config, &current) {
+            tracing::warn!(
+                "listener settings changed (TLS files, connection cap, timeouts, PROXY protocol, \
+                 admin token file, genesys.ca_file): they take effect at the next restart"
+            );
+        }
         self.pool.reload(pool::limits(&config));
         self.config.store(Arc::new(config));
         let tokens = self.tokens.clone();
         self.pool
             .credentials_changed(&|name| tokens.is_draining(name));
         tracing::info!("configuration reloaded");
+    }
+
+    /// Reads the TLS certificate and key again now (SIGHUP), rather than at the next
+    /// look at the files.
+    pub fn reload_tls(&self) {
+        let Some(tls) = &self.tls else { return };
+        match tls.reload() {
+            Ok(true) => tracing::info!("TLS certificate reloaded"),
+            Ok(false) => tracing::debug!("TLS certificate unchanged"),
+            Err(error) => {
+                tracing::warn!(%error, "TLS certificate not reloaded: keeping the current one")
+            }
+        }
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -227,6 +297,38 @@ impl Proxy {
     }
 }
 
+/// What the client and admin listeners enforce (`[server]`): the connection cap
+/// (kept below the open-file limit), timeouts, PROXY headers from trusted proxies,
+/// TLS. The admin listener takes the same timeouts, a small cap, and no PROXY
+/// header or TLS (it is not for the outside).
+fn listener_options(
+    config: &Config,
+    tls: Option<Arc<ServerTls>>,
+) -> (http_server::Options, http_server::Options) {
+    let server = &config.server;
+    let client = http_server::Options {
+        name: "client",
+        max_connections: Some(crate::process::connection_cap(server.max_connections)),
+        header_read_timeout: server.header_read_timeout,
+        keep_alive_idle: Some(server.keep_alive_idle),
+        proxy_protocol_from: if server.proxy_protocol {
+            server.trusted_proxies.clone()
+        } else {
+            Vec::new()
+        },
+        tls,
+    };
+    let admin = http_server::Options {
+        name: "admin",
+        max_connections: Some(ADMIN_MAX_CONNECTIONS),
+        header_read_timeout: server.header_read_timeout,
+        keep_alive_idle: Some(server.keep_alive_idle),
+        proxy_protocol_from: Vec::new(),
+        tls: None,
+    };
+    (client, admin)
+}
+
 /// Mints one token as soon as the proxy starts, so that it turns ready without
 /// waiting for a desktop (a load balancer sends none to a proxy that is not ready).
 /// Retried with back-off until it succeeds; the token only proved that a credential
@@ -246,6 +348,21 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|error| StartError::Listen { addr, error })
+}
+
+/// Whether what the listeners and the Genesys client were built from is unchanged
+/// (origins, hosts, trusted proxies for `X-Forwarded-For`, the topic policy and the
+/// limits are read at every request, and follow a reload).
+fn listeners_alike(new: &Config, current: &Config) -> bool {
+    let (a, b) = (&new.server, &current.server);
+    a.tls == b.tls
+        && a.max_connections == b.max_connections
+        && a.header_read_timeout == b.header_read_timeout
+        && a.keep_alive_idle == b.keep_alive_idle
+        && a.proxy_protocol == b.proxy_protocol
+        && (!a.proxy_protocol || a.trusted_proxies == b.trusted_proxies)
+        && new.admin.token_file == current.admin.token_file
+        && new.genesys.ca_file == current.genesys.ca_file
 }
 
 /// Longer than the longest an old channel keeps delivering after a switch (its

@@ -9,6 +9,7 @@
 //! change takes from the router or the pool can be stranded by a dropped future.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -37,6 +38,8 @@ pub struct ClientChannel {
     /// The client-facing id: random, URL-safe, unrelated to any upstream id.
     pub id: String,
     pub session: SessionId,
+    /// The peer that created it (see `front::peer`): its limits are charged.
+    pub peer: IpAddr,
     pub outbox: Arc<Outbox>,
     pub expires: SystemTime,
     topics: Mutex<BTreeSet<String>>,
@@ -112,10 +115,11 @@ impl Sessions {
         }
     }
 
-    pub fn create(&self) -> Arc<ClientChannel> {
+    pub fn create(&self, peer: IpAddr) -> Arc<ClientChannel> {
         let channel = Arc::new(ClientChannel {
             id: new_channel_id(),
             session: self.next_session.fetch_add(1, Ordering::Relaxed),
+            peer,
             outbox: Arc::new(Outbox::default()),
             expires: SystemTime::now() + ADVERTISED_LIFETIME,
             topics: Mutex::default(),
@@ -156,6 +160,15 @@ impl Sessions {
             std::mem::take(&mut *channel.topics.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
+        if !topics.is_empty() {
+            tracing::info!(
+                target: crate::downstream::AUDIT,
+                peer = %channel.peer,
+                session = channel.session,
+                removed = ?topics,
+                "client channel closed: its topics are unsubscribed"
+            );
+        }
         self.unsubscribe(&channel, &topics);
     }
 
