@@ -188,3 +188,65 @@ impl ResolvesServerCert for Current {
         Some(self.0.load_full())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> (rcgen::CertificateParams, rcgen::KeyPair) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        (params, rcgen::KeyPair::generate().unwrap())
+    }
+
+    fn server(ca: &(rcgen::CertificateParams, rcgen::KeyPair)) -> (String, String) {
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params
+            .signed_by(&key, &rcgen::Issuer::from_params(&ca.0, &ca.1))
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn current(tls: &ServerTls) -> Vec<u8> {
+        tls.resolver.0.load().cert[0].to_vec()
+    }
+
+    #[test]
+    fn a_changed_pair_is_taken_and_a_bad_one_is_not() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let authority = ca();
+        let (cert, key) = server(&authority);
+        std::fs::write(&cert_file, &cert).unwrap();
+        std::fs::write(&key_file, &key).unwrap();
+        let tls = ServerTls::load(&cert_file, &key_file).unwrap();
+        assert_eq!(tls.config().alpn_protocols, [b"http/1.1".to_vec()]);
+        let first = current(&tls);
+        assert!(!tls.reload().unwrap(), "unchanged files: nothing to do");
+
+        // A rotation that has written the certificate but not yet its key.
+        let (next_cert, next_key) = server(&authority);
+        std::fs::write(&cert_file, &next_cert).unwrap();
+        let error = tls.reload().unwrap_err().to_string();
+        assert!(error.contains("do not form a usable pair"), "{error}");
+        assert_eq!(current(&tls), first, "the good pair stays in use");
+        std::fs::write(&key_file, &next_key).unwrap();
+        assert!(tls.reload().unwrap());
+        assert_ne!(current(&tls), first);
+
+        std::fs::write(&key_file, "not a key").unwrap();
+        let error = tls.reload().unwrap_err().to_string();
+        assert!(error.contains("no PEM private key"), "{error}");
+        assert!(!error.contains("not a key"), "the key file is never quoted");
+        std::fs::remove_file(&cert_file).unwrap();
+        assert!(matches!(
+            ServerTls::load(&cert_file, &key_file),
+            Err(TlsError::Read {
+                what: "certificate",
+                ..
+            })
+        ));
+    }
+}

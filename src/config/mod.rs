@@ -79,8 +79,10 @@ pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of `server.body_read_timeout`.
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default of `server.keep_alive_idle` (Node's `keepAliveTimeout`).
-pub const DEFAULT_KEEP_ALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Default of `server.keep_alive_idle` (nginx's `keepalive_timeout` is 75 s). Longer
+/// than a client's pause between calls, so that a pooled connection is rarely
+/// closed just as the client reuses it.
+pub const DEFAULT_KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------
 // The validated configuration
@@ -133,13 +135,12 @@ pub struct ServerConfig {
     pub proxy_protocol: bool,
     /// Connections open at once (sockets included); more are answered 503 at once.
     pub max_connections: usize,
-    /// From a connection's start (TLS handshake included), or the previous answer,
-    /// until a request's headers are complete.
+    /// From a request's first byte (from the accept for a connection's first
+    /// request, TLS handshake included) until its headers are complete.
     pub header_read_timeout: Duration,
     /// Until a request's body is complete.
     pub body_read_timeout: Duration,
-    /// How long a connection may sit idle between requests; at most
-    /// `header_read_timeout`.
+    /// How long a connection may wait for its next request.
     pub keep_alive_idle: Duration,
     /// `[server.tls]`: serve `https://` and `wss://`.
     pub tls: Option<TlsFiles>,

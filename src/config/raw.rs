@@ -121,6 +121,7 @@ pub(super) struct RawTopics {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [limits] table")]
 pub(super) struct RawLimits {
+    pub exempt: List,
     pub channels_per_peer: Value<usize>,
     pub sockets_per_peer: Value<usize>,
     pub topics_per_peer: Value<usize>,

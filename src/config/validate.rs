@@ -28,6 +28,16 @@ fn span<T>(value: &Value<T>) -> Option<Range<usize>> {
     value.as_ref().map(Spanned::span)
 }
 
+/// An address (`10.0.0.5`) or a network (`10.0.0.0/8`).
+fn network(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("expected an address or a network such as \"10.0.0.0/8\", got {text:?}")
+        })
+}
+
 /// A duration as given, or its default.
 fn duration(value: &Value<Dur>, default: Duration) -> Duration {
     value.as_ref().map_or(default, |d| d.get_ref().0)
@@ -174,17 +184,7 @@ impl Ctx<'_> {
                 host_names.push(name);
             }
         }
-        let trusted_proxies =
-            self.list("server.trusted_proxies", &raw.trusted_proxies, |text| {
-                let text = text.trim();
-                text.parse::<ipnet::IpNet>()
-                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        format!(
-                            "expected an address or a network such as \"10.0.0.0/8\", got {text:?}"
-                        )
-                    })
-            })?;
+        let trusted_proxies = self.list("server.trusted_proxies", &raw.trusted_proxies, network)?;
         let proxy_protocol = raw.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref());
         if proxy_protocol && trusted_proxies.is_empty() {
             return Err(self.error(
@@ -224,19 +224,8 @@ impl Ctx<'_> {
         let keep_alive_idle = positive(
             "server.keep_alive_idle",
             &raw.keep_alive_idle,
-            DEFAULT_KEEP_ALIVE_IDLE.min(header_read_timeout),
+            DEFAULT_KEEP_ALIVE_IDLE,
         )?;
-        if keep_alive_idle > header_read_timeout {
-            return Err(self.error(
-                "server.keep_alive_idle",
-                span(&raw.keep_alive_idle),
-                format!(
-                    "must be at most server.header_read_timeout ({}): waiting for the next request counts against that too, got {}",
-                    show(header_read_timeout),
-                    show(keep_alive_idle)
-                ),
-            ));
-        }
         Ok(ServerConfig {
             listen,
             public_url,
@@ -358,7 +347,12 @@ impl Ctx<'_> {
                 format!("must be between 1 and 100 (percent), got {share}"),
             ));
         }
+        let exempt = match raw.exempt {
+            Some(_) => self.list("limits.exempt", &raw.exempt, network)?,
+            None => defaults.exempt,
+        };
         Ok(PeerLimits {
+            exempt,
             channels: at_least_one(
                 "limits.channels_per_peer",
                 &raw.channels_per_peer,

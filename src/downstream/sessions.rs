@@ -192,16 +192,20 @@ impl Sessions {
     /// change that fails leaves the channel's topics as they were (as at Genesys):
     /// topics leave only once the new ones are live. The change completes even if this
     /// future is dropped.
+    /// `requester` (the peer that asked) is named in the audit line.
     pub async fn change(
         self: &Arc<Self>,
         channel: &Arc<ClientChannel>,
         change: Change,
         ignore_errors: bool,
+        requester: IpAddr,
     ) -> Result<Vec<TopicAnswer>, ClientError> {
         let (sessions, channel) = (self.clone(), channel.clone());
-        let task = self
-            .tasks
-            .spawn(async move { sessions.apply(&channel, change, ignore_errors).await });
+        let task = self.tasks.spawn(async move {
+            sessions
+                .apply(&channel, change, ignore_errors, requester)
+                .await
+        });
         task.await.unwrap_or_else(|_| {
             Err(ClientError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -216,6 +220,7 @@ impl Sessions {
         channel: &Arc<ClientChannel>,
         change: Change,
         ignore_errors: bool,
+        requester: IpAddr,
     ) -> Result<Vec<TopicAnswer>, ClientError> {
         // One change at a time per channel: each is computed against the last.
         let _one_change = channel.changing.lock().await;
@@ -258,6 +263,18 @@ impl Sessions {
                 .collect();
             self.unsubscribe(channel, &rejected);
             next.retain(|t| !rejected.contains(t));
+        }
+        let added: Vec<&String> = next.difference(&current).collect();
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(
+                target: crate::downstream::AUDIT,
+                peer = %requester,
+                owner = %channel.peer,
+                session = channel.session,
+                ?added,
+                ?removed,
+                "subscriptions changed"
+            );
         }
         *channel.topics.lock().unwrap_or_else(|p| p.into_inner()) = next;
         self.unsubscribe(channel, &removed);

@@ -1,15 +1,16 @@
 //! Every subscription change from a client, REST or in-band, passes here: the
 //! caller's allowance of calls, the topic policy (`[topics]`), the owner's topic
-//! limits, then `Sessions::change`, then one audit line of what changed.
+//! limits, then `Sessions::change` (which writes the audit line of what changed).
 //!
 //! A denied topic is refused in Genesys' shape: the whole request with 403
 //! `missing.permissions`, or with `ignoreErrors=true` that topic alone, answered
 //! `"state":"Rejected"`. Nothing denied goes upstream.
 //!
-//! Limits are charged to the channel's owner (the peer that created it) and judged
-//! under the owner's change lock, so that two changes cannot both pass against the
-//! same count. The change runs as a task of its own, as `Sessions::change` does: a
-//! client that goes away mid-change neither strands the lock nor skips the audit.
+//! Limits are charged to the channel's owner (the peer that created it): the topics
+//! a change may bring are reserved while it runs (`Peers::reserve_topics`), so
+//! that two concurrent changes cannot both pass against the same count, without
+//! making one wait for the other. The change runs as a task of its own, as
+//! `Sessions::change` does: a client that goes away mid-change strands nothing.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -19,7 +20,6 @@ use arc_swap::ArcSwap;
 use http::StatusCode;
 use tokio_util::task::TaskTracker;
 
-use super::AUDIT;
 use super::error::ClientError;
 use super::peers::Peers;
 use super::sessions::{Change, ClientChannel, Sessions, TopicAnswer};
@@ -44,8 +44,7 @@ impl Subscriptions {
         ignore_errors: bool,
     ) -> Result<Vec<TopicAnswer>, ClientError> {
         let config = self.config.load_full();
-        self.peers
-            .charge_call(requester, config.limits.calls_per_minute)?;
+        self.peers.charge_call(requester, &config.limits)?;
         let (change, denied) = without_denied(change, &config.topics);
         if let Some(first) = denied.first()
             && !ignore_errors
@@ -84,45 +83,36 @@ impl Subscriptions {
         ignore_errors: bool,
         config: &Config,
     ) -> Result<Vec<TopicAnswer>, ClientError> {
-        let lock = self.peers.change_lock(channel.peer);
-        let _one_at_a_time = lock.lock().await;
-        let before = channel.topics();
-        let next: BTreeSet<String> = match &change {
-            Change::Add(new) => before.iter().chain(new).cloned().collect(),
-            Change::Replace(new) => new.iter().cloned().collect(),
-            Change::RemoveAll => BTreeSet::new(),
+        // Held until the change is done, so that concurrent changes of the owner's
+        // channels are judged against each other's outcome.
+        let _reserved = if config.limits.exempts(channel.peer) {
+            None
+        } else {
+            let next: BTreeSet<String> = match &change {
+                Change::Add(new) => channel
+                    .topics()
+                    .into_iter()
+                    .chain(new.iter().cloned())
+                    .collect(),
+                Change::Replace(new) => new.iter().cloned().collect(),
+                Change::RemoveAll => BTreeSet::new(),
+            };
+            let upstream = &config.upstream;
+            let budget = upstream
+                .max_channels
+                .saturating_sub(1)
+                .saturating_mul(upstream.max_topics_per_channel);
+            Some(self.peers.reserve_topics(
+                channel,
+                next,
+                &self.sessions,
+                &config.limits,
+                budget,
+            )?)
         };
-        let others: Vec<BTreeSet<String>> = self
-            .peers
-            .channels_of(channel.peer, &self.sessions)
-            .iter()
-            .filter(|other| other.id != channel.id)
-            .map(|other| other.topics())
-            .collect();
-        let upstream = &config.upstream;
-        let budget = upstream
-            .max_channels
-            .saturating_sub(1)
-            .saturating_mul(upstream.max_topics_per_channel);
-        config
-            .limits
-            .admit_topics(usage(&others, &before), usage(&others, &next), budget)?;
-        let answer = self.sessions.change(channel, change, ignore_errors).await?;
-        let after = channel.topics();
-        let added: Vec<&String> = after.difference(&before).collect();
-        let removed: Vec<&String> = before.difference(&after).collect();
-        if !added.is_empty() || !removed.is_empty() {
-            tracing::info!(
-                target: AUDIT,
-                peer = %requester,
-                owner = %channel.peer,
-                session = channel.session,
-                ?added,
-                ?removed,
-                "subscriptions changed"
-            );
-        }
-        Ok(answer)
+        self.sessions
+            .change(channel, change, ignore_errors, requester)
+            .await
     }
 }
 
@@ -147,36 +137,10 @@ fn without_denied(change: Change, policy: &Policy) -> (Change, Vec<String>) {
     }
 }
 
-/// What a peer holds with `mine` as this channel's topics: (subscriptions summed
-/// over its channels, distinct topics), combined topics weighed expanded.
-fn usage(others: &[BTreeSet<String>], mine: &BTreeSet<String>) -> (usize, usize) {
-    let all = || others.iter().chain(std::iter::once(mine)).flatten();
-    let subscriptions = all().map(|t| topic::weight(t)).sum();
-    let distinct: BTreeSet<String> = all().flat_map(|t| topic::expansion(t)).collect();
-    (subscriptions, distinct.len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::front::topics::Pattern;
-
-    fn set(topics: &[&str]) -> BTreeSet<String> {
-        topics.iter().map(|t| t.to_string()).collect()
-    }
-
-    #[test]
-    fn usage_counts_subscriptions_and_distinct_topics() {
-        let others = vec![set(&["v2.users.1.presence", "v2.users.2.presence"])];
-        assert_eq!(
-            usage(
-                &others,
-                &set(&["v2.users.1.presence", "v2.users.3?presence&station"])
-            ),
-            (5, 4)
-        );
-        assert_eq!(usage(&[], &BTreeSet::new()), (0, 0));
-    }
 
     #[test]
     fn denied_topics_are_taken_out_of_a_change() {

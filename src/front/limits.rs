@@ -7,7 +7,10 @@
 //! Without them one peer filled the shared upstream budget with three PUTs and
 //! created 10,000 socketless channels in 3 s (issue 9).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use http::StatusCode;
 use tokio::time::Instant;
@@ -26,8 +29,12 @@ pub const DEFAULT_UPSTREAM_SHARE_PERCENT: u8 = 25;
 const SOCKET_RETRY: Duration = Duration::from_secs(5);
 
 /// `[limits]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerLimits {
+    /// Peers no limit applies to: by default loopback, this host itself (the tools,
+    /// a health checker). Behind a proxy on this host, list it in
+    /// `server.trusted_proxies`, so that the clients it reports are counted.
+    pub exempt: Vec<IpNet>,
     /// Client channels one peer holds at once, with or without a socket.
     pub channels: usize,
     /// Client WebSockets one peer has open at once.
@@ -44,6 +51,7 @@ pub struct PeerLimits {
 impl Default for PeerLimits {
     fn default() -> Self {
         Self {
+            exempt: default_exempt(),
             channels: DEFAULT_CHANNELS,
             sockets: DEFAULT_SOCKETS,
             topics: DEFAULT_TOPICS,
@@ -62,7 +70,20 @@ pub struct Refusal {
     pub retry_after: Option<Duration>,
 }
 
+/// Default of `limits.exempt`: the loopback networks.
+pub fn default_exempt() -> Vec<IpNet> {
+    vec![
+        IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8).expect("a valid prefix"),
+        IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+    ]
+}
+
 impl PeerLimits {
+    /// Whether no limit applies to `peer`.
+    pub fn exempts(&self, peer: IpAddr) -> bool {
+        super::peer::is_trusted(peer, &self.exempt)
+    }
+
     /// A new client channel, for a peer holding `open`. Channels without a socket
     /// close after `client_idle`: that is when to try again.
     pub fn admit_channel(&self, open: usize, client_idle: Duration) -> Result<(), Refusal> {
@@ -213,6 +234,21 @@ mod tests {
         let refused = limits.admit_socket(1).unwrap_err();
         assert_eq!(refused.code, "too.many.sockets");
         assert!(refused.retry_after.is_some());
+    }
+
+    #[test]
+    fn loopback_is_exempt_by_default() {
+        let limits = PeerLimits::default();
+        assert!(limits.exempts("127.0.0.1".parse().unwrap()));
+        assert!(limits.exempts("127.9.9.9".parse().unwrap()));
+        assert!(limits.exempts("::1".parse().unwrap()));
+        assert!(limits.exempts("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!limits.exempts("10.0.0.1".parse().unwrap()));
+        let none = PeerLimits {
+            exempt: Vec::new(),
+            ..PeerLimits::default()
+        };
+        assert!(!none.exempts("127.0.0.1".parse().unwrap()));
     }
 
     #[test]

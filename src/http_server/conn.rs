@@ -1,15 +1,19 @@
 //! One accepted connection: the PROXY protocol v2 header (only from trusted load
-//! balancers), the TLS handshake, then HTTP/1.1 through hyper with a header read
-//! timeout (hyper applies it only with a timer on the connection builder) and a
-//! keep-alive idle timeout. The connection's slot under the cap lives in its I/O
-//! object, so it is held as long as the socket is open, after an upgrade too.
+//! balancers), the TLS handshake, then HTTP/1.1 through hyper, with two deadlines
+//! told apart: a request's headers must complete within the header read timeout of
+//! their first byte (of the accept, for the first request), and a connection may
+//! wait for its next request for the keep-alive idle timeout. hyper's own header
+//! timer (it applies only with a timer on the connection builder) counts idle time
+//! too, so it is the backstop of both. The connection's slot under the cap lives
+//! in its I/O object, so it is held as long as the socket is open, after an
+//! upgrade too.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,7 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +62,9 @@ pub(super) async fn serve<S, F>(
     F: Future<Output = Response> + Send + 'static,
 {
     let _ = stream.set_nodelay(true);
+    // The first request's headers are due `header_read_timeout` after the accept,
+    // PROXY header and TLS handshake included.
+    let activity = Arc::new(Activity::new(Instant::now()));
     let setup = async {
         let mut stream = stream;
         let proxied = if peer::is_trusted(remote.ip(), &options.proxy_protocol_from) {
@@ -96,7 +103,6 @@ pub(super) async fn serve<S, F>(
         proxied,
         tls: options.tls.is_some(),
     };
-    let activity = Arc::new(Activity::new());
     let io = Tracked {
         io,
         activity: activity.clone(),
@@ -115,10 +121,15 @@ pub(super) async fn serve<S, F>(
             }
         })
     };
+    // hyper's own header timer runs from the moment it waits for a request, idle
+    // time included, so it is set to cover both: a backstop behind `watch`, which
+    // tells idle time from header time.
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
+    builder.timer(TokioTimer::new()).header_read_timeout(
+        options
+            .keep_alive_idle
+            .map(|idle| options.header_read_timeout + idle),
+    );
     let conn = builder
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
@@ -129,11 +140,19 @@ pub(super) async fn serve<S, F>(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-        _ = idle(&activity, options.keep_alive_idle) => {
-            conn.as_mut().graceful_shutdown();
-            // Closes at once when idle; a request that just began gets its answer,
-            // but a peer that does not read it is not waited for long.
-            let _ = tokio::time::timeout(options.header_read_timeout, conn).await;
+        expired = watch(&activity, options.header_read_timeout, options.keep_alive_idle) => {
+            match expired {
+                // A request whose headers are late is cut where it stands.
+                Expired::Headers => {
+                    tracing::debug!(listener = options.name, %remote, "request headers too slow: connection closed");
+                }
+                Expired::Idle => {
+                    conn.as_mut().graceful_shutdown();
+                    // Closes at once when idle; a request that just began gets its
+                    // answer, but a peer that does not read it is not waited for long.
+                    let _ = tokio::time::timeout(options.header_read_timeout, conn).await;
+                }
+            }
         }
     }
 }
@@ -176,71 +195,131 @@ async fn read_proxy_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>,
     })
 }
 
-/// When a connection last received bytes or answered, and whether a request is in
-/// flight: what the keep-alive idle timeout judges.
+/// Where a connection is between requests: reading a request's headers (since
+/// when), handling requests, or idle (since its last answer). What `watch` judges.
 struct Activity {
     start: Instant,
-    /// Milliseconds after `start`.
-    last_read: AtomicU64,
+    /// Milliseconds after `start` at which the headers being read began; `NONE`
+    /// while idle or handling.
+    head_started: AtomicU64,
     last_answer: AtomicU64,
     in_flight: AtomicUsize,
+    /// Whether the last answer has begun to be written: bytes before that are the
+    /// rest of the request's body (which a handler may leave unread), not the
+    /// next request's headers.
+    answer_written: AtomicBool,
+    /// Wakes `watch` when a request begins, so that its header deadline counts.
+    changed: Notify,
 }
 
+const NONE: u64 = u64::MAX;
+
 impl Activity {
-    fn new() -> Self {
+    /// A connection accepted at `start`: its first request's headers are being read.
+    fn new(start: Instant) -> Self {
         Self {
-            start: Instant::now(),
-            last_read: AtomicU64::new(0),
+            start,
+            head_started: AtomicU64::new(0),
             last_answer: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            answer_written: AtomicBool::new(false),
+            changed: Notify::new(),
         }
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(NONE - 1)
     }
 
-    /// Since when nothing happened, or `None` while a request is in flight.
-    fn idle_since(&self) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
+    /// Bytes were written: once no request is in flight, that is an answer.
+    fn wrote(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            self.answer_written.store(true, Ordering::Release);
         }
-        let last = self
-            .last_read
-            .load(Ordering::Relaxed)
-            .max(self.last_answer.load(Ordering::Relaxed));
-        Some(self.start + Duration::from_millis(last))
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
+    }
+
+    /// Bytes arrived: if the connection was idle after an answer, a request's
+    /// headers begin.
+    fn received(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.answer_written.load(Ordering::Acquire)
+            && self
+                .head_started
+                .compare_exchange(NONE, self.now_ms(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.changed.notify_one();
+        }
     }
 }
 
-/// Resolves once the connection has been idle for `limit` (never without one).
-async fn idle(activity: &Activity, limit: Option<Duration>) {
-    let Some(limit) = limit else {
-        return std::future::pending().await;
-    };
+/// Why `watch` gave up on a connection.
+enum Expired {
+    /// A request's headers did not complete within the header read timeout.
+    Headers,
+    /// No request for the keep-alive idle timeout.
+    Idle,
+}
+
+/// Resolves when the connection has overrun a deadline: a request's headers
+/// `header_timeout` after they began (or after the accept, for the first), or
+/// `idle_limit` (if any) without a request.
+async fn watch(
+    activity: &Activity,
+    header_timeout: Duration,
+    idle_limit: Option<Duration>,
+) -> Expired {
     loop {
-        match activity.idle_since() {
-            Some(since) if since + limit <= Instant::now() => return,
-            Some(since) => tokio::time::sleep_until(since + limit).await,
-            None => tokio::time::sleep(limit).await,
+        let changed = activity.changed.notified();
+        let deadline = if activity.in_flight.load(Ordering::Acquire) > 0 {
+            // Handling a request: the handler bounds itself (body deadline, waits).
+            None
+        } else {
+            match activity.head_started.load(Ordering::Acquire) {
+                NONE => idle_limit.map(|limit| {
+                    (
+                        activity.at(activity.last_answer.load(Ordering::Acquire)) + limit,
+                        Expired::Idle,
+                    )
+                }),
+                began => Some((activity.at(began) + header_timeout, Expired::Headers)),
+            }
+        };
+        match deadline {
+            Some((at, expired)) if at <= Instant::now() => return expired,
+            Some((at, _)) => tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = changed => {}
+            },
+            None => tokio::select! {
+                _ = tokio::time::sleep(header_timeout) => {}
+                _ = changed => {}
+            },
         }
     }
 }
 
-/// A request in flight, from the call to its answer (or its drop).
+/// A request being handled, from its headers to its answer (or its drop).
 struct Busy(Arc<Activity>);
 
 impl Busy {
     fn start(activity: Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.head_started.store(NONE, Ordering::Release);
+        activity.answer_written.store(false, Ordering::Release);
         Self(activity)
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.last_answer.store(self.0.now_ms(), Ordering::Relaxed);
+        self.0.last_answer.store(self.0.now_ms(), Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
     }
 }
 
@@ -261,8 +340,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            let now = self.activity.now_ms();
-            self.activity.last_read.store(now, Ordering::Relaxed);
+            self.activity.received();
         }
         polled
     }
@@ -274,7 +352,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.wrote();
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -290,7 +372,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.wrote();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

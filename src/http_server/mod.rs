@@ -56,11 +56,12 @@ pub struct Options {
     pub name: &'static str,
     /// Connections open at once, upgraded sockets included; `None`: no cap.
     pub max_connections: Option<usize>,
-    /// The TLS handshake, and each request's headers (counted from the previous
-    /// answer on a kept-alive connection), must complete within this.
+    /// A request's headers must complete within this of their first byte; the
+    /// first request's (PROXY header and TLS handshake included) within this of the
+    /// accept.
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight and nothing received for this long is
-    /// closed; `None`: only the header read timeout applies.
+    /// A connection waiting this long for its next request is closed; `None`: it
+    /// may wait for ever (the fake Genesys Cloud, whose clients pool connections).
     pub keep_alive_idle: Option<Duration>,
     /// Peers whose connections begin with a PROXY protocol v2 header.
     pub proxy_protocol_from: Vec<IpNet>,
