@@ -118,6 +118,8 @@ impl ServerTls {
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
                 _ = shutdown.cancelled() => return,
             }
+            // metrics: certificate reloads and failed reloads; the current
+            // certificate's expiry (seconds) as a gauge.
             match self.reload() {
                 Ok(true) => {
                     last_error = None;

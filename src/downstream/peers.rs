@@ -46,6 +46,9 @@ impl Peers {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    // metrics: refusals by limit (channels, sockets, calls, topics, share), and the
+    // number of peers in the book.
+
     /// Creates a client channel for `peer`, unless it holds as many as it may.
     pub fn create_channel(
         &self,

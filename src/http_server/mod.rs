@@ -141,6 +141,7 @@ pub async fn serve_with<S, F>(
             Err(error) => {
                 // Usually EMFILE or ENFILE: spinning on it would burn a core and flood
                 // the log while nothing can be accepted anyway.
+                // metrics: accept errors, by listener; connections open, by listener.
                 let wait = failures.next(&error, options.name);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
