@@ -85,3 +85,36 @@ pub fn websocket_client_config(roots: &Roots) -> Arc<ClientConfig> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_adds_its_roots_or_says_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = dir.path().join("corporate-ca.pem");
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let builtin = Roots::webpki().0.len();
+        let roots = Roots::with_ca_file(Some(&ca)).unwrap();
+        assert_eq!(roots.0.len(), builtin + 1);
+        assert_eq!(Roots::with_ca_file(None).unwrap().0.len(), builtin);
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        let error = Roots::with_ca_file(Some(&empty)).unwrap_err().to_string();
+        assert!(
+            error.contains("empty.pem") && error.contains("no usable CA certificate"),
+            "{error}"
+        );
+        let missing = dir.path().join("missing.pem");
+        let error = Roots::with_ca_file(Some(&missing)).unwrap_err().to_string();
+        assert!(
+            error.starts_with("genesys.ca_file") && error.contains("missing.pem"),
+            "{error}"
+        );
+    }
+}

@@ -146,3 +146,70 @@ async fn a_crowd_that_would_exhaust_file_descriptors_meets_the_cap() {
         "accept never failed:\n{logs}"
     );
 }
+
+#[tokio::test]
+async fn the_access_and_audit_logs_say_who_read_what_and_never_a_channel_id() {
+    let (fake, _fake_api) = start(fast_config()).await;
+    let secrets = Secrets::new();
+    secrets.write("a", SECRET);
+    let config = config_text(
+        &fake.base_url(),
+        &secrets.path("a"),
+        "trusted_proxies = [\"127.0.0.1\"]\n",
+        "",
+    )
+    .replace("client-a", CLIENT);
+    let mut served = serve_with(handover(), &config, &["--log-format", "json"], "info").await;
+    let client = &served.client;
+    let created = client
+        .send(
+            client
+                .http
+                .post(format!("{}/api/v2/notifications/channels", client.base))
+                .header("x-forwarded-for", "198.51.100.7"),
+        )
+        .await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let subscribed = client
+        .send(
+            client
+                .http
+                .put(format!(
+                    "{}/api/v2/notifications/channels/{id}/subscriptions",
+                    client.base
+                ))
+                .header("x-forwarded-for", "198.51.100.7")
+                .json(&serde_json::json!([{"id": "v2.users.42.presence"}])),
+        )
+        .await;
+    assert_eq!(subscribed.status, 200, "{}", subscribed.body);
+    served.signal("TERM").await;
+    assert!(served.exit(Duration::from_secs(30)).await.success());
+    let logs = served.logs.await.unwrap();
+    assert!(
+        !logs.contains(&id),
+        "a client channel id reached the log:\n{logs}"
+    );
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let access = lines
+        .iter()
+        .find(|l| {
+            l["target"] == "handover::access"
+                && l["route"] == "/api/v2/notifications/channels/{id}/subscriptions"
+        })
+        .unwrap_or_else(|| panic!("no access line for the subscription:\n{logs}"));
+    assert_eq!(access["peer"], "198.51.100.7");
+    assert_eq!(access["method"], "PUT");
+    assert_eq!(access["status"], 200);
+    assert!(access["duration_ms"].is_u64());
+    let audit = lines
+        .iter()
+        .find(|l| l["target"] == "handover::audit")
+        .unwrap_or_else(|| panic!("no audit line:\n{logs}"));
+    assert_eq!(audit["peer"], "198.51.100.7");
+    assert_eq!(audit["added"], "[\"v2.users.42.presence\"]");
+    assert!(audit["session"].is_u64());
+}

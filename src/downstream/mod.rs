@@ -69,11 +69,16 @@ pub struct Downstream {
 
 impl Downstream {
     pub async fn handle(self: Arc<Self>, req: Request) -> Response {
-        let started = Instant::now();
         let config = self.config.load_full();
         let peer = gate::peer(&req, &config.server.trusted_proxies);
-        let method = req.method().clone();
         let route = route::client_route(req.uri().path());
+        let mut line = AccessLine {
+            started: Instant::now(),
+            peer,
+            method: req.method().clone(),
+            route,
+            status: None,
+        };
         let response = match gate::admit(&req, &config.server, peer, route) {
             Admission::Refused(response) | Admission::Preflight(response) => response,
             Admission::Admitted(origin) => {
@@ -85,15 +90,7 @@ impl Downstream {
                 response
             }
         };
-        tracing::info!(
-            target: ACCESS,
-            %peer,
-            %method,
-            route,
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "client request"
-        );
+        line.status = Some(response.status().as_u16());
         response
     }
 
@@ -317,6 +314,30 @@ impl Downstream {
             }
         });
         Ok(response)
+    }
+}
+
+/// A request's line in the access log, written when the request ends: with its
+/// status, or 499 (nginx's "client closed request") if the client went away first.
+struct AccessLine {
+    started: Instant,
+    peer: IpAddr,
+    method: Method,
+    route: &'static str,
+    status: Option<u16>,
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: ACCESS,
+            peer = %self.peer,
+            method = %self.method,
+            route = self.route,
+            status = self.status.unwrap_or(499),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "client request"
+        );
     }
 }
 

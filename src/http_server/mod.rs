@@ -286,3 +286,22 @@ pub fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_doubling_to_a_second() {
+        let mut failures = AcceptFailures::default();
+        let error = std::io::Error::from_raw_os_error(24); // EMFILE
+        let waits: Vec<Duration> = (0..9).map(|_| failures.next(&error, "test")).collect();
+        assert_eq!(waits[0], Duration::from_millis(10));
+        assert_eq!(waits[1], Duration::from_millis(20));
+        assert_eq!(waits[6], Duration::from_millis(640));
+        assert_eq!(waits[7], ACCEPT_BACKOFF_MAX);
+        assert_eq!(waits[8], ACCEPT_BACKOFF_MAX);
+        failures.reset();
+        assert_eq!(failures.next(&error, "test"), ACCEPT_BACKOFF_FIRST);
+    }
+}
