@@ -61,10 +61,37 @@ pub struct Admin {
     pub metrics: Arc<Registry>,
     pub readiness: Arc<dyn Readiness>,
     pub operations: Arc<dyn Operations>,
+    /// `[admin] token_file`: read at every request (rotating it is writing it).
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Admin {
+    /// [`Admin::handle`], with its line in the access log (target `handover::access`).
+    pub async fn handle_logged(self: Arc<Self>, req: Request) -> Response {
+        let started = tokio::time::Instant::now();
+        let peer = req
+            .extensions()
+            .get::<http_server::ConnInfo>()
+            .map(|conn| conn.client().ip());
+        let method = req.method().clone();
+        let route = crate::front::route::admin_route(req.uri().path());
+        let response = self.handle(req).await;
+        tracing::info!(
+            target: crate::downstream::ACCESS,
+            peer = ?peer,
+            %method,
+            route,
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "admin request"
+        );
+        response
+    }
+
     pub async fn handle(self: Arc<Self>, req: Request) -> Response {
+        if let Some(refused) = self.gate(&req) {
+            return refused;
+        }
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (req.method(), segments.as_slice()) {
@@ -106,6 +133,55 @@ impl Admin {
             ),
         }
     }
+
+    /// The admin listener's door (`front::admin`): no browsers, JSON or no body on
+    /// state-changing calls, the bearer token when one is configured, and without
+    /// one only IP-address or `localhost` Hosts. `Some` is the refusal.
+    fn gate(&self, req: &Request) -> Option<Response> {
+        use crate::front::admin::{AdminRefusal, is_open_route, judge};
+        let (method, path) = (req.method(), req.uri().path());
+        let token = match &self.token_file {
+            None => None,
+            Some(file) => match read_token(file) {
+                Ok(token) => Some(token),
+                // Fail closed: without the token nobody gets past it.
+                Err(error) if !is_open_route(method, path) => {
+                    tracing::error!(%error, "cannot read the admin token: guarded admin routes answer 401");
+                    return Some(refused(AdminRefusal::Unauthorized));
+                }
+                Err(_) => None,
+            },
+        };
+        let refusal = judge(method, path, req.headers(), token.as_ref()).err()?;
+        // metrics: admin requests refused, by reason.
+        tracing::warn!(
+            route = crate::front::route::admin_route(path),
+            reason = refusal.message(),
+            "admin request refused"
+        );
+        Some(refused(refusal))
+    }
+}
+
+/// An admin refusal in Genesys' error shape (401 with `WWW-Authenticate: Bearer`).
+fn refused(refusal: crate::front::admin::AdminRefusal) -> Response {
+    let status = refusal.status();
+    let code = match refusal {
+        crate::front::admin::AdminRefusal::Unauthorized => "unauthorized",
+        crate::front::admin::AdminRefusal::Forbidden(_) => "forbidden",
+        crate::front::admin::AdminRefusal::UnsupportedMediaType => "unsupported.media.type",
+    };
+    let mut response = json(
+        status,
+        &json!({"message": refusal.message(), "code": code, "status": status.as_u16()}),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response {
@@ -125,4 +201,18 @@ fn drain_error(error: DrainError) -> Response {
             status: status.as_u16(),
         }),
     )
+}
+
+/// The admin token in `path`, trimmed; an empty file is an error (it would let
+/// anyone in who sends an empty token).
+pub fn read_token(path: &std::path::Path) -> Result<crate::secret::Secret, String> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("admin.token_file {}: {e}", path.display()))?,
+    );
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("admin.token_file {} is empty", path.display()));
+    }
+    Ok(crate::secret::Secret::from(token))
 }

@@ -16,12 +16,17 @@ use crate::auth::TokenSource;
 use crate::auth::{CredentialState, DrainError};
 use crate::config::Config;
 use crate::downstream::Downstream;
+use crate::downstream::available::AvailableTopics;
+use crate::downstream::peers::Peers;
 use crate::downstream::sessions::Sessions;
+use crate::downstream::subscribe::Subscriptions;
 use crate::drain::Drain;
 use crate::genesys::{Genesys, UpstreamError};
 use crate::http_server::{self, Request};
 use crate::metrics::{self, Readings};
 use crate::router::Router;
+use crate::tls::Roots;
+use crate::tls_server::ServerTls;
 use crate::upstream::channel::{self, Parts};
 use crate::upstream::pool::{self, Pool};
 use crate::upstream::state::ChannelView;
@@ -35,7 +40,16 @@ pub enum StartError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls_server::TlsError),
+    #[error(transparent)]
+    Roots(#[from] crate::tls::RootsError),
+    #[error("{0}")]
+    AdminToken(String),
 }
+
+/// Connections the admin listener takes at once: probes, scrapes and an operator.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// A running proxy.
 pub struct Proxy {
@@ -58,6 +72,8 @@ pub struct Proxy {
     /// proxy shuts down.
     admin_stop: CancellationToken,
     admin_server: tokio::task::JoinHandle<()>,
+    /// The client listener's certificate, when it serves TLS.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Proxy {
@@ -77,9 +93,18 @@ impl Proxy {
                 addr: config.admin.listen,
                 error,
             })?;
+        let tls = match &config.server.tls {
+            Some(files) => Some(ServerTls::load(&files.cert_file, &files.key_file)?),
+            None => None,
+        };
+        if let Some(path) = &config.admin.token_file {
+            crate::admin::read_token(path).map_err(StartError::AdminToken)?;
+        }
+        let roots = Roots::with_ca_file(config.genesys.ca_file.as_deref())?;
         let genesys = Arc::new(Genesys::new(
             &config.genesys.login_url,
             &config.genesys.api_url,
+            &roots,
         )?);
         let shutdown = CancellationToken::new();
         let accepting = shutdown.child_token();
@@ -110,6 +135,18 @@ impl Proxy {
         );
         pool.set_spawner(channel::spawner(parts.clone()));
         let sessions = Arc::new(Sessions::new(router.clone(), pool.clone(), tasks.clone()));
+        let peers = Arc::new(Peers::default());
+        let subscriptions = Arc::new(Subscriptions {
+            sessions: sessions.clone(),
+            peers: peers.clone(),
+            config: config.clone(),
+            tasks: tasks.clone(),
+        });
+        let (client_options, admin_options) = listener_options(&config.load(), tls.clone());
+        let tls_for_reload = tls.clone();
+        if let Some(tls) = tls {
+            tasks.spawn(tls.watch(shutdown.clone()));
+        }
 
         let downstream = Arc::new(Downstream {
             sessions: sessions.clone(),
@@ -118,6 +155,9 @@ impl Proxy {
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
             drain: drain.clone(),
+            peers,
+            subscriptions,
+            available: Arc::new(AvailableTopics::new(genesys.clone(), tokens.clone())),
         });
         // Every part registers its own metrics.
         let mut registry = metrics::registry();
@@ -149,16 +189,19 @@ impl Proxy {
                 pool: pool.clone(),
                 config: config.clone(),
             }),
+            token_file: config.load().admin.token_file.clone(),
         });
-        tasks.spawn(http_server::serve(
+        tasks.spawn(http_server::serve_with(
             client_listener,
+            client_options,
             move |req: Request| downstream.clone().handle(req),
             accepting.clone(),
         ));
         let admin_stop = CancellationToken::new();
-        let admin_server = tokio::spawn(http_server::serve(
+        let admin_server = tokio::spawn(http_server::serve_with(
             admin_listener,
-            move |req: Request| admin.clone().handle(req),
+            admin_options,
+            move |req: Request| admin.clone().handle_logged(req),
             admin_stop.clone(),
         ));
         tasks.spawn(close_idle_channels(
@@ -182,6 +225,7 @@ impl Proxy {
             tasks,
             admin_stop,
             admin_server,
+            tls: tls_for_reload,
         })
     }
 
@@ -207,6 +251,19 @@ impl Proxy {
             .credentials_changed(&|name| tokens.is_draining(name));
         tracing::info!("configuration reloaded");
         restart_only
+    }
+
+    /// Reads the TLS certificate and key again now (SIGHUP), rather than at the next
+    /// look at the files.
+    pub fn reload_tls(&self) {
+        let Some(tls) = &self.tls else { return };
+        match tls.reload() {
+            Ok(true) => tracing::info!("TLS certificate reloaded"),
+            Ok(false) => tracing::debug!("TLS certificate unchanged"),
+            Err(error) => {
+                tracing::warn!(%error, "TLS certificate not reloaded: keeping the current one")
+            }
+        }
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -314,6 +371,38 @@ impl Operations for Ops {
     }
 }
 
+/// What the client and admin listeners enforce (`[server]`): the connection cap
+/// (kept below the open-file limit), timeouts, PROXY headers from trusted proxies,
+/// TLS. The admin listener takes the same timeouts, a small cap, and no PROXY
+/// header or TLS (it is not for the outside).
+fn listener_options(
+    config: &Config,
+    tls: Option<Arc<ServerTls>>,
+) -> (http_server::Options, http_server::Options) {
+    let server = &config.server;
+    let client = http_server::Options {
+        name: "client",
+        max_connections: Some(crate::process::connection_cap(server.max_connections)),
+        header_read_timeout: server.header_read_timeout,
+        keep_alive_idle: Some(server.keep_alive_idle),
+        proxy_protocol_from: if server.proxy_protocol {
+            server.trusted_proxies.clone()
+        } else {
+            Vec::new()
+        },
+        tls,
+    };
+    let admin = http_server::Options {
+        name: "admin",
+        max_connections: Some(ADMIN_MAX_CONNECTIONS),
+        header_read_timeout: server.header_read_timeout,
+        keep_alive_idle: Some(server.keep_alive_idle),
+        proxy_protocol_from: Vec::new(),
+        tls: None,
+    };
+    (client, admin)
+}
+
 /// Mints one token as soon as the proxy starts, so that it turns ready without
 /// waiting for a desktop (a load balancer sends none to a proxy that is not ready).
 /// Retried with back-off until it succeeds; the token only proved that a credential
@@ -335,10 +424,40 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|error| StartError::Listen { addr, error })
 }
 
-/// The keys whose change needs a restart: the listeners are bound, the Genesys client
-/// built and the log format set up once, at start.
+/// The keys whose change needs a restart: the listeners (with their TLS, caps,
+/// timeouts and PROXY protocol), the admin token's file, the Genesys client and the
+/// log format are set up once, at start. Origins, hosts, trusted proxies for
+/// `X-Forwarded-For`, the topic policy and the per-peer limits are read at every
+/// request, and follow a reload.
 fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
+    let (now, then) = (&current.server, &next.server);
     [
+        ("server.tls", now.tls != then.tls),
+        (
+            "server.max_connections",
+            now.max_connections != then.max_connections,
+        ),
+        (
+            "server.header_read_timeout",
+            now.header_read_timeout != then.header_read_timeout,
+        ),
+        (
+            "server.keep_alive_idle",
+            now.keep_alive_idle != then.keep_alive_idle,
+        ),
+        (
+            "server.proxy_protocol",
+            now.proxy_protocol != then.proxy_protocol
+                || (now.proxy_protocol && now.trusted_proxies != then.trusted_proxies),
+        ),
+        (
+            "admin.token_file",
+            current.admin.token_file != next.admin.token_file,
+        ),
+        (
+            "genesys.ca_file",
+            current.genesys.ca_file != next.genesys.ca_file,
+        ),
         ("server.listen", current.server.listen != next.server.listen),
         ("admin.listen", current.admin.listen != next.admin.listen),
         (

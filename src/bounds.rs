@@ -20,6 +20,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// Largest upstream answer read. A subscription answer for 1000 topics of 200
 /// characters, with rejection details, is well under 1 MiB.
 pub const MAX_UPSTREAM_BODY: usize = 2 * 1024 * 1024;
+/// Largest `availabletopics` answer read: with `expand=schema`, every topic's JSON
+/// schema is in it (several MiB for a few hundred topics).
+pub const MAX_TOPIC_LIST_BODY: usize = 32 * 1024 * 1024;
 
 /// The instant `delay` from now, or about a century from now if that overflows.
 pub fn after(delay: Duration) -> Instant {

@@ -142,6 +142,8 @@ impl Cli {
 async fn serve(path: &Path, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     init_tracing(log_format.unwrap_or(config.log.format));
+    crate::process::harden();
+    warn_about(&config);
     let proxy = Proxy::start(config).await?;
     println!(
         "listening on {}, admin on {}",
@@ -151,10 +153,16 @@ async fn serve(path: &Path, log_format: Option<LogFormat>) -> anyhow::Result<()>
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
-            _ = hangups.recv() => match Config::load(path) {
-                Ok(config) => { proxy.reload(config); }
-                Err(error) => tracing::error!(%error, "the changed configuration is invalid: keeping the current one"),
-            },
+            _ = hangups.recv() => {
+                proxy.reload_tls();
+                match Config::load(path) {
+                    Ok(config) => {
+                        warn_about(&config);
+                        proxy.reload(config);
+                    }
+                    Err(error) => tracing::error!(%error, "the changed configuration is invalid: keeping the current one"),
+                }
+            }
         }
     }
     tokio::select! {
@@ -164,6 +172,13 @@ async fn serve(path: &Path, log_format: Option<LogFormat>) -> anyhow::Result<()>
             tracing::warn!("second stop signal: stopping at once, without draining");
             anyhow::bail!("stopped at once by a second signal")
         }
+    }
+}
+
+/// Logs what an operator must hear about the config (`config::warnings`), loudly.
+fn warn_about(config: &Config) {
+    for warning in crate::config::warnings(config) {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -179,7 +194,7 @@ async fn probe(config: Option<&Path>, url: Option<&str>) -> anyhow::Result<()> {
     // Our own TLS settings, as every client here: reqwest's default reads the system's
     // CA store, and the image has none.
     let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(crate::tls::http_client_config())
+        .tls_backend_preconfigured(crate::tls::http_client_config(&crate::tls::Roots::webpki()))
         .timeout(PROBE_TIMEOUT)
         .no_proxy()
         .build()?;
@@ -230,14 +245,26 @@ fn admin_readiness_url(listen: SocketAddr) -> anyhow::Result<url::Url> {
 
 async fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // The files the config names load as `serve` would load them.
+    if let Some(tls) = &config.server.tls {
+        crate::tls_server::ServerTls::load(&tls.cert_file, &tls.key_file)?;
+    }
+    if let Some(token) = &config.admin.token_file {
+        crate::admin::read_token(token).map_err(anyhow::Error::msg)?;
+    }
+    let roots = crate::tls::Roots::with_ca_file(config.genesys.ca_file.as_deref())?;
     println!(
         "{}: valid ({} credential set(s))",
         path.display(),
         config.credentials.len()
     );
+    for warning in crate::config::warnings(&config) {
+        eprintln!("WARNING: {warning}");
+    }
     let genesys = Arc::new(Genesys::new(
         &config.genesys.login_url,
         &config.genesys.api_url,
+        &roots,
     )?);
     let tokens = TokenSource::new(genesys, Arc::new(ArcSwap::from_pointee(config)));
     let token = tokens.mint().await.context("no token could be minted")?;

@@ -20,6 +20,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use crate::bounds;
 use crate::metrics::Registry;
 use crate::secret::Secret;
+use crate::tls::Roots;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -149,9 +150,10 @@ struct SocketOrigin {
 }
 
 impl Genesys {
-    pub fn new(login_url: &str, api_url: &str) -> Result<Self, UpstreamError> {
+    /// A client for the given base URLs, trusting `roots`.
+    pub fn new(login_url: &str, api_url: &str, roots: &Roots) -> Result<Self, UpstreamError> {
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(crate::tls::http_client_config())
+            .tls_backend_preconfigured(crate::tls::http_client_config(roots))
             // A redirect from Genesys would be a misconfiguration or an attack: the
             // bearer token must go nowhere else.
             .redirect(reqwest::redirect::Policy::none())
@@ -173,7 +175,7 @@ impl Genesys {
             login_url: login_url.trim_end_matches('/').to_owned(),
             sockets: SocketOrigin::of(&api_url)?,
             api_url,
-            ws_tls: crate::tls::websocket_client_config(),
+            ws_tls: crate::tls::websocket_client_config(roots),
         })
     }
 
@@ -379,6 +381,29 @@ impl Genesys {
             .and_then(|at| humantime::parse_rfc3339_weak(&at).ok()))
     }
 
+    /// `GET /api/v2/notifications/availabletopics?{query}`: the topics this token may
+    /// see, as Genesys answers (its JSON as it came). `query` holds only parameters
+    /// the caller has checked (`expand`, `includePreview`).
+    pub async fn available_topics(
+        &self,
+        token: &Secret,
+        query: &str,
+    ) -> Result<Bytes, UpstreamError> {
+        let mut url = format!("{}/api/v2/notifications/availabletopics", self.api_url);
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(query);
+        }
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(transport)?;
+        expect_success_within(response, bounds::MAX_TOPIC_LIST_BODY).await
+    }
+
     /// Opens the notification socket (no auth: the channel id is the capability).
     pub async fn connect(&self, connect_uri: &Secret) -> Result<UpstreamSocket, UpstreamError> {
         self.check_connect_uri(connect_uri.expose())?;
@@ -451,18 +476,26 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
 
 /// Reads an answer's body, refusing one over [`bounds::MAX_UPSTREAM_BODY`] without
 /// buffering it.
-async fn read_capped(mut response: reqwest::Response) -> Result<Bytes, UpstreamError> {
+async fn read_capped(response: reqwest::Response) -> Result<Bytes, UpstreamError> {
+    read_capped_to(response, bounds::MAX_UPSTREAM_BODY).await
+}
+
+/// Reads an answer's body, refusing one over `cap` bytes without buffering it.
+async fn read_capped_to(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Bytes, UpstreamError> {
     let too_large =
         || UpstreamError::Protocol("the answer is larger than any Genesys answer".into());
     if response
         .content_length()
-        .is_some_and(|length| length > bounds::MAX_UPSTREAM_BODY as u64)
+        .is_some_and(|length| length > cap as u64)
     {
         return Err(too_large());
     }
     let mut body = bytes::BytesMut::new();
     while let Some(chunk) = response.chunk().await.map_err(transport)? {
-        if body.len() + chunk.len() > bounds::MAX_UPSTREAM_BODY {
+        if body.len() + chunk.len() > cap {
             return Err(too_large());
         }
         body.extend_from_slice(&chunk);
@@ -566,6 +599,14 @@ fn known_oauth_description(description: &str) -> &'static str {
 
 /// The body of a 2xx answer, or the error its status means.
 async fn expect_success(response: reqwest::Response) -> Result<bytes::Bytes, UpstreamError> {
+    expect_success_within(response, bounds::MAX_UPSTREAM_BODY).await
+}
+
+/// [`expect_success`] for an answer of up to `cap` bytes.
+async fn expect_success_within(
+    response: reqwest::Response,
+    cap: usize,
+) -> Result<bytes::Bytes, UpstreamError> {
     #[derive(Deserialize, Default)]
     struct ApiError {
         #[serde(default)]
@@ -573,7 +614,7 @@ async fn expect_success(response: reqwest::Response) -> Result<bytes::Bytes, Ups
     }
     let status = response.status();
     let retry_after = retry_after(&response);
-    let body = read_capped(response).await?;
+    let body = read_capped_to(response, cap).await?;
     if status.is_success() {
         return Ok(body);
     }

@@ -202,3 +202,35 @@ fn toml_value(text: &str) -> String {
         _ => text.to_owned(),
     }
 }
+
+/// Genesys' OAuth `error_description` (or `description`) is repeated in logs and
+/// errors only when it is one of the texts Genesys is known to send: an endpoint (or
+/// something in front of it) may echo what it was sent, a secret included.
+#[test]
+fn an_oauth_error_description_is_repeated_only_when_known() {
+    for field in ["error_description", "description"] {
+        let echoed =
+            format!(r#"{{"error":"invalid_client","{field}":"bad secret hunter2-secret"}}"#);
+        let error = token_answer(StatusCode::BAD_REQUEST, None, echoed.as_bytes())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("description withheld"), "{error}");
+    }
+    let known = br#"{"error":"invalid_client","error_description":"authentication failed"}"#;
+    let error = token_answer(StatusCode::BAD_REQUEST, None, known)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("invalid_client: authentication failed"),
+        "{error}"
+    );
+    let odd = br#"{"error":"secret=hunter2","error_description":"x"}"#;
+    let error = token_answer(StatusCode::BAD_REQUEST, None, odd)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(!error.contains("hunter2"), "{error}");
+}

@@ -74,3 +74,36 @@ async fn genesys_python_sdk_subscribes_and_streams_through_a_maintenance_close()
     stream_done(fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
     assert!(child.wait().await.unwrap().success());
 }
+
+#[tokio::test]
+async fn genesys_node_sdk_through_set_gateway_lists_topics_subscribes_and_streams() {
+    let w = World::start(
+        &[A],
+        Duration::from_secs(3600),
+        Settings::default(),
+        "[topics]\nallow = [\"v2.users.*.presence\", \"v2.users.*.routingStatus\"]\n",
+    )
+    .await;
+    let topic = "v2.users.42.presence";
+    let mut sdk = clients::Script::start(
+        "node",
+        "genesys_node_sdk_client.cjs",
+        &[&w.client.base, topic, "100"],
+    )
+    .await;
+    let ready = sdk.next(Duration::from_secs(60)).await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(
+        ready["available"],
+        json!(["v2.users.{id}.presence", "v2.users.{id}.routingStatus"]),
+        "availabletopics, filtered by the policy"
+    );
+    assert_eq!(ready["listed"], json!([topic]));
+    let stream = start_stream(&w.fake_api, &[topic.to_owned()], 100.0, 100).await;
+    let summary = sdk.next(Duration::from_secs(60)).await;
+    assert_eq!(summary["closed"], Value::Null, "{summary}");
+    let seqs: Vec<u64> = serde_json::from_value(summary["seqs"].clone()).unwrap();
+    assert_eq!(seqs, (0..100).collect::<Vec<u64>>());
+    stream_done(&w.fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
+    assert!(sdk.wait().await.success());
+}

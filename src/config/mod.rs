@@ -24,6 +24,9 @@ mod raw;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod warnings;
+
+pub use warnings::warnings;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,7 +34,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::de::DeTable;
+use zeroize::Zeroizing;
 
+use crate::front::limits::PeerLimits;
+use crate::front::topics::Policy;
 use crate::secret::Secret;
 
 /// Default of `server.heartbeat`.
@@ -63,6 +69,20 @@ pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 pub const DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(10);
 /// Default of `server.shutdown_grace` (Kubernetes' default termination grace period).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default of `server.max_connections`. The proxy raises its open-file limit at start
+/// and lowers this (with a warning) if the limit leaves no room for it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Upper bound of `server.max_connections`.
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+/// Default of `server.header_read_timeout` (nginx's `client_header_timeout` is 60 s;
+/// a desktop sends its few hundred bytes at once).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `server.body_read_timeout`.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `server.keep_alive_idle` (nginx's `keepalive_timeout` is 75 s). Longer
+/// than a client's pause between calls, so that a pooled connection is rarely
+/// closed just as the client reuses it.
+pub const DEFAULT_KEEP_ALIVE_IDLE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------
 // The validated configuration
@@ -80,6 +100,10 @@ pub struct Config {
     pub handover: HandoverConfig,
     pub upstream: UpstreamConfig,
     pub log: LogConfig,
+    /// `[topics]`: which topics desktops may subscribe to.
+    pub topics: Policy,
+    /// `[limits]`: fair use per peer.
+    pub limits: PeerLimits,
 }
 
 /// `[server]`: the client-facing listener.
@@ -99,12 +123,43 @@ pub struct ServerConfig {
     pub drain_spread: Duration,
     /// Upper bound of the whole stop; longer than `drain_delay + drain_spread`.
     pub shutdown_grace: Duration,
+    /// Browser origins admitted (canonical `scheme://host[:port]`); a request with
+    /// any other `Origin` is refused. Requests without `Origin` are admitted.
+    pub allowed_origins: Vec<String>,
+    /// The names the listener answers to (`Host`), besides IP addresses and
+    /// `localhost`: `public_url`'s host (when a name) and `allowed_hosts`.
+    pub host_names: Vec<String>,
+    /// Load balancers whose `X-Forwarded-For` (and PROXY header) name the peer.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Connections from a trusted proxy start with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
+    /// Connections open at once (sockets included); more are answered 503 at once.
+    pub max_connections: usize,
+    /// From a request's first byte (from the accept for a connection's first
+    /// request, TLS handshake included) until its headers are complete.
+    pub header_read_timeout: Duration,
+    /// Until a request's body is complete.
+    pub body_read_timeout: Duration,
+    /// How long a connection may wait for its next request.
+    pub keep_alive_idle: Duration,
+    /// `[server.tls]`: serve `https://` and `wss://`.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `[server.tls]`: a PEM certificate chain and private key, reloaded when they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[admin]`: health, readiness, metrics and admin actions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// A bearer token every admin route but `/healthz` and `/readyz` needs; read at
+    /// every request, so that rotating it is writing the file.
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[genesys]`, resolved: the two base URLs, `http(s)`, without a trailing `/`.
@@ -116,6 +171,8 @@ pub struct GenesysConfig {
     /// Base of the platform API (`<api_url>/api/v2/...`); from a region,
     /// `https://api.<region>`.
     pub api_url: String,
+    /// Extra trusted roots (PEM), besides Mozilla's: a TLS-inspecting proxy's CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One `[[credentials]]` entry: an OAuth client.
@@ -228,11 +285,13 @@ impl SecretSource {
     pub fn read(&self) -> Result<Secret, SecretError> {
         match self {
             SecretSource::File(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|error| SecretError::ReadFile {
+                // The whole file, untrimmed, is wiped when it goes, as the secret is.
+                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|error| {
+                    SecretError::ReadFile {
                         path: path.clone(),
                         error,
-                    })?;
+                    }
+                })?);
                 let value = text.trim();
                 if value.is_empty() {
                     return Err(SecretError::EmptyFile { path: path.clone() });
@@ -240,12 +299,12 @@ impl SecretSource {
                 Ok(Secret::from(value))
             }
             SecretSource::Env(name) => {
-                let text = std::env::var(name).map_err(|error| match error {
+                let text = Zeroizing::new(std::env::var(name).map_err(|error| match error {
                     std::env::VarError::NotPresent => SecretError::EnvNotSet { name: name.clone() },
                     std::env::VarError::NotUnicode(_) => {
                         SecretError::EnvNotUnicode { name: name.clone() }
                     }
-                })?;
+                })?);
                 let value = text.trim();
                 if value.is_empty() {
                     return Err(SecretError::EmptyEnv { name: name.clone() });

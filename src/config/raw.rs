@@ -28,7 +28,12 @@ pub(super) struct RawConfig {
     pub handover: Value<RawHandover>,
     pub upstream: Value<RawUpstream>,
     pub log: Value<RawLog>,
+    pub topics: Value<RawTopics>,
+    pub limits: Value<RawLimits>,
 }
+
+/// A list whose every entry keeps its place, so that an error names the entry's line.
+pub(super) type List = Value<Vec<Spanned<String>>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [server] table")]
@@ -40,12 +45,29 @@ pub(super) struct RawServer {
     pub drain_delay: Value<Dur>,
     pub drain_spread: Value<Dur>,
     pub shutdown_grace: Value<Dur>,
+    pub allowed_origins: List,
+    pub allowed_hosts: List,
+    pub trusted_proxies: List,
+    pub proxy_protocol: Value<bool>,
+    pub max_connections: Value<usize>,
+    pub header_read_timeout: Value<Dur>,
+    pub body_read_timeout: Value<Dur>,
+    pub keep_alive_idle: Value<Dur>,
+    pub tls: Value<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [server.tls] table")]
+pub(super) struct RawTls {
+    pub cert_file: Spanned<PathBuf>,
+    pub key_file: Spanned<PathBuf>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an [admin] table")]
 pub(super) struct RawAdmin {
     pub listen: Spanned<String>,
+    pub token_file: Value<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +76,7 @@ pub(super) struct RawGenesys {
     pub region: Value<String>,
     pub login_url: Value<String>,
     pub api_url: Value<String>,
+    pub ca_file: Value<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -86,4 +109,22 @@ pub(super) struct RawUpstream {
     pub max_topics_per_channel: Value<usize>,
     pub heartbeat: Value<Dur>,
     pub idle_channel_timeout: Value<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [topics] table")]
+pub(super) struct RawTopics {
+    pub allow: List,
+    pub deny: List,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [limits] table")]
+pub(super) struct RawLimits {
+    pub exempt: List,
+    pub channels_per_peer: Value<usize>,
+    pub sockets_per_peer: Value<usize>,
+    pub topics_per_peer: Value<usize>,
+    pub subscription_calls_per_minute: Value<u32>,
+    pub upstream_share_percent: Value<u8>,
 }

@@ -519,3 +519,238 @@ fn example_config_is_valid() {
     let config = Config::load(&path).unwrap();
     assert_eq!(config.credentials[0].name, "primary");
 }
+
+/// MINIMAL with `lines` added to its `[server]` table.
+fn with_server(lines: &str) -> String {
+    MINIMAL.replace(
+        "listen = \"127.0.0.1:8080\"",
+        &format!("listen = \"127.0.0.1:8080\"\n{lines}"),
+    )
+}
+
+#[test]
+fn front_door_defaults() {
+    let config = parse(MINIMAL).unwrap();
+    let server = &config.server;
+    assert!(server.allowed_origins.is_empty());
+    assert!(
+        server.host_names.is_empty(),
+        "an IP public URL adds no name"
+    );
+    assert!(server.trusted_proxies.is_empty());
+    assert!(!server.proxy_protocol);
+    assert_eq!(server.max_connections, DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(server.body_read_timeout, Duration::from_secs(10));
+    assert_eq!(server.keep_alive_idle, Duration::from_secs(60));
+    assert_eq!(server.tls, None);
+    assert_eq!(config.admin.token_file, None);
+    assert_eq!(config.genesys.ca_file, None);
+    assert!(!config.topics.restricts(), "no allow list: every topic");
+    assert_eq!(config.limits, crate::front::limits::PeerLimits::default());
+}
+
+#[test]
+fn front_door_keys_parse() {
+    let text = format!(
+        "{}\n[topics]\nallow = [\"v2.users.*.presence\"]\ndeny = [\"v2.users.7.presence\"]\n\
+         [limits]\nchannels_per_peer = 3\nsockets_per_peer = 2\ntopics_per_peer = 10\n\
+         subscription_calls_per_minute = 30\nupstream_share_percent = 50\nexempt = []\n",
+        with_server(
+            "public_url = \"wss://Handover.Example.com\"\n\
+             allowed_origins = [\"https://Apps.MyPureCloud.com/\", \"chrome-extension://abcdef\"]\n\
+             allowed_hosts = [\"handover.internal.\"]\n\
+             trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\nproxy_protocol = true\n\
+             max_connections = 500\nheader_read_timeout = \"4s\"\nbody_read_timeout = \"3s\"\n\
+             keep_alive_idle = \"2s\"\n[server.tls]\ncert_file = \"/tls/tls.crt\"\nkey_file = \"/tls/tls.key\""
+        )
+        .replace(
+            "[genesys]\nregion = \"mypurecloud.com\"",
+            "[genesys]\nregion = \"mypurecloud.com\"\nca_file = \"/etc/corp-ca.pem\"",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:9090\"",
+            "[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_file = \"/run/secrets/admin\"",
+        )
+    );
+    let config = parse(&text).unwrap();
+    let server = &config.server;
+    assert_eq!(
+        server.allowed_origins,
+        ["https://apps.mypurecloud.com", "chrome-extension://abcdef"]
+    );
+    assert_eq!(
+        server.host_names,
+        ["handover.example.com", "handover.internal"]
+    );
+    assert_eq!(server.trusted_proxies.len(), 2);
+    assert!(server.proxy_protocol);
+    assert_eq!(server.max_connections, 500);
+    assert_eq!(server.header_read_timeout, Duration::from_secs(4));
+    assert_eq!(server.body_read_timeout, Duration::from_secs(3));
+    assert_eq!(server.keep_alive_idle, Duration::from_secs(2));
+    assert_eq!(
+        server.tls,
+        Some(TlsFiles {
+            cert_file: "/tls/tls.crt".into(),
+            key_file: "/tls/tls.key".into()
+        })
+    );
+    assert_eq!(
+        config.admin.token_file.as_deref(),
+        Some(Path::new("/run/secrets/admin"))
+    );
+    assert_eq!(
+        config.genesys.ca_file.as_deref(),
+        Some(Path::new("/etc/corp-ca.pem"))
+    );
+    assert!(config.topics.admits("v2.users.42.presence"));
+    assert!(!config.topics.admits("v2.users.7.presence"));
+    assert!(!config.topics.admits("v2.users.42.conversations"));
+    assert_eq!(config.limits.channels, 3);
+    assert_eq!(config.limits.sockets, 2);
+    assert_eq!(config.limits.topics, 10);
+    assert_eq!(config.limits.calls_per_minute, 30);
+    assert_eq!(config.limits.upstream_share_percent, 50);
+    assert!(config.limits.exempt.is_empty());
+}
+
+#[test]
+fn tls_makes_the_default_public_url_wss_and_refuses_ws() {
+    let tls = "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"";
+    let config = parse(&with_server(tls)).unwrap();
+    assert_eq!(config.server.public_url, "wss://127.0.0.1:8080");
+    let message = error(&with_server(&format!(
+        "public_url = \"ws://proxy.example.com\"\n{tls}"
+    )));
+    assert!(
+        message.starts_with("test.toml: server.public_url: must be a wss:// URL"),
+        "{message}"
+    );
+    let message = error(&with_server("[server.tls]\ncert_file = \"c.pem\""));
+    assert!(message.contains("key_file"), "{message}");
+}
+
+#[test]
+fn bad_front_door_values_name_key_and_line() {
+    for (lines, key) in [
+        (
+            "allowed_origins = [\"https://ok.example\", \"https://x.example/app\"]",
+            "server.allowed_origins[1]",
+        ),
+        ("allowed_origins = [\"*\"]", "server.allowed_origins[0]"),
+        (
+            "allowed_hosts = [\"https://x.example\"]",
+            "server.allowed_hosts[0]",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.0/33\"]",
+            "server.trusted_proxies[0]",
+        ),
+        ("proxy_protocol = true", "server.proxy_protocol"),
+        ("max_connections = 0", "server.max_connections"),
+        ("header_read_timeout = \"0s\"", "server.header_read_timeout"),
+        ("body_read_timeout = \"0s\"", "server.body_read_timeout"),
+        ("keep_alive_idle = \"0s\"", "server.keep_alive_idle"),
+    ] {
+        let message = error(&with_server(lines));
+        assert!(
+            message.starts_with(&format!("test.toml: {key}: ")) && message.contains("(line 4)"),
+            "{lines}: {message}"
+        );
+    }
+    for (table, key) in [
+        ("[topics]\nallow = []", "topics.allow"),
+        (
+            "[topics]\nallow = [\"v2.users.**.presence\"]",
+            "topics.allow[0]",
+        ),
+        ("[topics]\ndeny = [\"users.*\"]", "topics.deny[0]"),
+        ("[topics]\nallowed = []", "topics.allowed"),
+        (
+            "[limits]\nchannels_per_peer = 0",
+            "limits.channels_per_peer",
+        ),
+        (
+            "[limits]\nsubscription_calls_per_minute = 0",
+            "limits.subscription_calls_per_minute",
+        ),
+        (
+            "[limits]\nupstream_share_percent = 101",
+            "limits.upstream_share_percent",
+        ),
+        ("[limits]\nexempt = [\"loopback\"]", "limits.exempt[0]"),
+    ] {
+        let message = error(&format!("{MINIMAL}{table}\n"));
+        assert!(
+            message.starts_with(&format!("test.toml: {key}")),
+            "{table}: {message}"
+        );
+    }
+    let message = error(&MINIMAL.replace(
+        "[admin]\nlisten = \"127.0.0.1:9090\"",
+        "[admin]\nlisten = \"127.0.0.1:9090\"\ntoken_file = \"\"",
+    ));
+    assert!(
+        message.starts_with("test.toml: admin.token_file: must not be empty"),
+        "{message}"
+    );
+}
+
+#[test]
+fn warnings_name_what_is_open() {
+    let quiet = parse(MINIMAL).unwrap();
+    assert!(warnings(&quiet).is_empty(), "{:?}", warnings(&quiet));
+    let open = parse(
+        &MINIMAL
+            .replace("127.0.0.1:8080", "0.0.0.0:8080")
+            .replace("127.0.0.1:9090", "0.0.0.0:9090"),
+    )
+    .unwrap();
+    let said = warnings(&open).join("\n");
+    assert!(said.contains("[topics] has no allow list"), "{said}");
+    assert!(
+        said.contains("admin.listen 0.0.0.0:9090") && said.contains("token_file"),
+        "{said}"
+    );
+    assert!(said.contains("without TLS"), "{said}");
+    let guarded = parse(&format!(
+        "{}[topics]\nallow = [\"v2.users.*.presence\"]\n",
+        open_guarded()
+    ))
+    .unwrap();
+    assert!(warnings(&guarded).is_empty(), "{:?}", warnings(&guarded));
+}
+
+fn open_guarded() -> String {
+    MINIMAL
+        .replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"0.0.0.0:8080\"\npublic_url = \"wss://handover.example.com\"",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:9090\"",
+            "[admin]\nlisten = \"0.0.0.0:9090\"\ntoken_file = \"/run/secrets/admin-token\"",
+        )
+}
+
+#[cfg(unix)]
+#[test]
+fn a_secret_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = temp_path("exposed");
+    std::fs::write(&path, "secret").unwrap();
+    let text = MINIMAL.replace(
+        "client_secret = \"inline-secret-value\"",
+        &format!("client_secret_file = \"{}\"", path.display()),
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let said = warnings(&parse(&text).unwrap()).join("\n");
+    assert!(
+        said.contains("client secret file") && said.contains("every user on this host"),
+        "{said}"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(warnings(&parse(&text).unwrap()).is_empty());
+    let _ = std::fs::remove_file(&path);
+}

@@ -11,9 +11,12 @@ use toml::Spanned;
 
 use super::locate::line_column;
 use super::raw::{
-    Dur, RawConfig, RawCredential, RawGenesys, RawHandover, RawServer, RawUpstream, Value,
+    Dur, List, RawConfig, RawCredential, RawGenesys, RawHandover, RawLimits, RawServer, RawTls,
+    RawTopics, RawUpstream, Value,
 };
 use super::*;
+use crate::front::origin::{canonical_host, canonical_origin};
+use crate::front::topics::Pattern;
 
 /// Where the text is, for errors.
 pub(super) struct Ctx<'a> {
@@ -23,6 +26,16 @@ pub(super) struct Ctx<'a> {
 
 fn span<T>(value: &Value<T>) -> Option<Range<usize>> {
     value.as_ref().map(Spanned::span)
+}
+
+/// An address (`10.0.0.5`) or a network (`10.0.0.0/8`).
+fn network(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("expected an address or a network such as \"10.0.0.0/8\", got {text:?}")
+        })
 }
 
 /// A duration as given, or its default.
@@ -66,6 +79,7 @@ impl Ctx<'_> {
         let admin_listen = &admin.get_ref().listen;
         let admin = AdminConfig {
             listen: self.socket_addr("admin.listen", admin_listen)?,
+            token_file: self.path("admin.token_file", &admin.get_ref().token_file)?,
         };
         // Port 0 (tests) binds a fresh port each time, so equal addresses do not clash.
         if admin.listen == server.listen && admin.listen.port() != 0 {
@@ -89,6 +103,8 @@ impl Ctx<'_> {
                 .and_then(|log| log.into_inner().format)
                 .unwrap_or_default(),
         };
+        let topics = self.topics(raw.topics)?;
+        let limits = self.limits(raw.limits)?;
         Ok(Config {
             server,
             admin,
@@ -97,13 +113,27 @@ impl Ctx<'_> {
             handover,
             upstream,
             log,
+            topics,
+            limits,
         })
     }
 
     fn server(&self, raw: RawServer, at: Range<usize>) -> Result<ServerConfig, ConfigError> {
         let listen = self.socket_addr("server.listen", &raw.listen)?;
+        let tls = self.tls(&raw.tls)?;
         let public_url = match &raw.public_url {
-            Some(url) => self.url("server.public_url", url, &["ws", "wss"])?,
+            Some(url) => {
+                let checked = self.url("server.public_url", url, &["ws", "wss"])?;
+                if tls.is_some() && checked.starts_with("ws://") {
+                    return Err(self.error(
+                        "server.public_url",
+                        Some(url.span()),
+                        "must be a wss:// URL when [server.tls] is set (desktops connect with TLS)",
+                    ));
+                }
+                checked
+            }
+            None if tls.is_some() => format!("wss://{listen}"),
             None => format!("ws://{listen}"),
         };
         let heartbeat = duration(&raw.heartbeat, DEFAULT_HEARTBEAT);
@@ -134,6 +164,68 @@ impl Ctx<'_> {
             ));
         }
         let (drain_delay, drain_spread, shutdown_grace) = self.stop_timings(&raw, at)?;
+        let allowed_origins =
+            self.list("server.allowed_origins", &raw.allowed_origins, |text| {
+                canonical_origin(text).map_err(|why| {
+                    format!(
+                        "expected a browser origin such as \"https://apps.mypurecloud.com\": {why}"
+                    )
+                })
+            })?;
+        let mut host_names = Vec::new();
+        if let Some(host) = url::Url::parse(&public_url)
+            .ok()
+            .and_then(|url| url.domain().map(str::to_ascii_lowercase))
+        {
+            host_names.push(host);
+        }
+        for name in self.list("server.allowed_hosts", &raw.allowed_hosts, canonical_host)? {
+            if !host_names.contains(&name) {
+                host_names.push(name);
+            }
+        }
+        let trusted_proxies = self.list("server.trusted_proxies", &raw.trusted_proxies, network)?;
+        let proxy_protocol = raw.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref());
+        if proxy_protocol && trusted_proxies.is_empty() {
+            return Err(self.error(
+                "server.proxy_protocol",
+                span(&raw.proxy_protocol),
+                "needs server.trusted_proxies: only the load balancers listed there may send a PROXY header",
+            ));
+        }
+        let max_connections = raw
+            .max_connections
+            .as_ref()
+            .map_or(DEFAULT_MAX_CONNECTIONS, |m| *m.get_ref());
+        if !(1..=MAX_MAX_CONNECTIONS).contains(&max_connections) {
+            return Err(self.error(
+                "server.max_connections",
+                span(&raw.max_connections),
+                format!("must be between 1 and {MAX_MAX_CONNECTIONS}, got {max_connections}"),
+            ));
+        }
+        let positive = |key: &str, value: &Value<Dur>, default: Duration| {
+            let duration = duration(value, default);
+            if duration.is_zero() {
+                return Err(self.error(key, span(value), "must be longer than 0s"));
+            }
+            Ok(duration)
+        };
+        let header_read_timeout = positive(
+            "server.header_read_timeout",
+            &raw.header_read_timeout,
+            DEFAULT_HEADER_READ_TIMEOUT,
+        )?;
+        let body_read_timeout = positive(
+            "server.body_read_timeout",
+            &raw.body_read_timeout,
+            DEFAULT_BODY_READ_TIMEOUT,
+        )?;
+        let keep_alive_idle = positive(
+            "server.keep_alive_idle",
+            &raw.keep_alive_idle,
+            DEFAULT_KEEP_ALIVE_IDLE,
+        )?;
         Ok(ServerConfig {
             listen,
             public_url,
@@ -142,6 +234,142 @@ impl Ctx<'_> {
             drain_delay,
             drain_spread,
             shutdown_grace,
+            allowed_origins,
+            host_names,
+            trusted_proxies,
+            proxy_protocol,
+            max_connections,
+            header_read_timeout,
+            body_read_timeout,
+            keep_alive_idle,
+            tls,
+        })
+    }
+
+    fn tls(&self, raw: &Value<RawTls>) -> Result<Option<TlsFiles>, ConfigError> {
+        let Some(raw) = raw.as_ref().map(Spanned::get_ref) else {
+            return Ok(None);
+        };
+        let file = |key: &str, path: &Spanned<PathBuf>| {
+            if path.get_ref().as_os_str().is_empty() {
+                return Err(self.error(key, Some(path.span()), "must not be empty"));
+            }
+            Ok(path.get_ref().clone())
+        };
+        Ok(Some(TlsFiles {
+            cert_file: file("server.tls.cert_file", &raw.cert_file)?,
+            key_file: file("server.tls.key_file", &raw.key_file)?,
+        }))
+    }
+
+    /// An optional, non-empty path.
+    fn path(&self, key: &str, value: &Value<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+        match value {
+            Some(path) if path.get_ref().as_os_str().is_empty() => {
+                Err(self.error(key, Some(path.span()), "must not be empty"))
+            }
+            Some(path) => Ok(Some(path.get_ref().clone())),
+            None => Ok(None),
+        }
+    }
+
+    /// A list of strings, each checked by `check`; errors name the entry and its line.
+    fn list<T>(
+        &self,
+        key: &str,
+        raw: &List,
+        check: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, ConfigError> {
+        let Some(entries) = raw.as_ref() else {
+            return Ok(Vec::new());
+        };
+        entries
+            .get_ref()
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                check(entry.get_ref())
+                    .map_err(|why| self.error(format!("{key}[{index}]"), Some(entry.span()), why))
+            })
+            .collect()
+    }
+
+    fn topics(&self, raw: Value<RawTopics>) -> Result<Policy, ConfigError> {
+        let Some(raw) = raw.map(Spanned::into_inner) else {
+            return Ok(Policy::default());
+        };
+        let allow = match &raw.allow {
+            Some(list) if list.get_ref().is_empty() => {
+                return Err(self.error(
+                    "topics.allow",
+                    Some(list.span()),
+                    "is empty, which would refuse every topic: list the topics desktops may read, or leave allow out to admit all",
+                ));
+            }
+            Some(_) => Some(self.list("topics.allow", &raw.allow, Pattern::parse)?),
+            None => None,
+        };
+        let deny = self.list("topics.deny", &raw.deny, Pattern::parse)?;
+        Ok(Policy { allow, deny })
+    }
+
+    fn limits(&self, raw: Value<RawLimits>) -> Result<PeerLimits, ConfigError> {
+        let defaults = PeerLimits::default();
+        let Some(raw) = raw.map(Spanned::into_inner) else {
+            return Ok(defaults);
+        };
+        let at_least_one = |key: &str, value: &Value<usize>, default: usize| {
+            let n = value.as_ref().map_or(default, |v| *v.get_ref());
+            if n == 0 {
+                return Err(self.error(key, span(value), "must be at least 1"));
+            }
+            Ok(n)
+        };
+        let calls = raw
+            .subscription_calls_per_minute
+            .as_ref()
+            .map_or(defaults.calls_per_minute, |v| *v.get_ref());
+        if calls == 0 {
+            return Err(self.error(
+                "limits.subscription_calls_per_minute",
+                span(&raw.subscription_calls_per_minute),
+                "must be at least 1",
+            ));
+        }
+        let share = raw
+            .upstream_share_percent
+            .as_ref()
+            .map_or(defaults.upstream_share_percent, |v| *v.get_ref());
+        if !(1..=100).contains(&share) {
+            return Err(self.error(
+                "limits.upstream_share_percent",
+                span(&raw.upstream_share_percent),
+                format!("must be between 1 and 100 (percent), got {share}"),
+            ));
+        }
+        let exempt = match raw.exempt {
+            Some(_) => self.list("limits.exempt", &raw.exempt, network)?,
+            None => defaults.exempt,
+        };
+        Ok(PeerLimits {
+            exempt,
+            channels: at_least_one(
+                "limits.channels_per_peer",
+                &raw.channels_per_peer,
+                defaults.channels,
+            )?,
+            sockets: at_least_one(
+                "limits.sockets_per_peer",
+                &raw.sockets_per_peer,
+                defaults.sockets,
+            )?,
+            topics: at_least_one(
+                "limits.topics_per_peer",
+                &raw.topics_per_peer,
+                defaults.topics,
+            )?,
+            calls_per_minute: calls,
+            upstream_share_percent: share,
         })
     }
 
@@ -185,7 +413,12 @@ impl Ctx<'_> {
         };
         let login_url = resolve("login_url", &raw.login_url, "login")?;
         let api_url = resolve("api_url", &raw.api_url, "api")?;
-        Ok(GenesysConfig { login_url, api_url })
+        let ca_file = self.path("genesys.ca_file", &raw.ca_file)?;
+        Ok(GenesysConfig {
+            login_url,
+            api_url,
+            ca_file,
+        })
     }
 
     fn region(&self, region: &Spanned<String>) -> Result<String, ConfigError> {

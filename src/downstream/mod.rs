@@ -2,37 +2,61 @@
 //! WebSockets (`/channels/{id}`, `/stream?topics=…`). Clients send no credentials;
 //! whatever `Authorization` or `purecloud-sdk` headers they send are ignored and
 //! never forwarded.
+//!
+//! Every request passes the front door first (`gate`: `Host`, `Origin`, CORS, the
+//! peer), every subscription change the topic policy and the peer's limits
+//! (`subscribe`, `peers`), and every request leaves one line in the access log
+//! (target [`ACCESS`]); every change of subscriptions one in the audit log
+//! (target [`AUDIT`]).
 
+pub mod available;
 pub mod error;
+pub mod gate;
+pub mod peers;
 pub mod sessions;
 pub mod socket;
+pub mod subscribe;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::front::route;
 use crate::http_server::{self, Request, Response, json, query_param};
 use crate::router::gap_frame;
 use crate::ws;
+use available::AvailableTopics;
 use error::ClientError;
+use gate::Admission;
+use peers::{Peers, SocketSlot};
 use sessions::{Change, ClientChannel, Sessions};
 use socket::ClientSocket;
+use subscribe::Subscriptions;
+
+/// The `tracing` target of the access log: one line per request or upgrade (peer,
+/// method, route with ids redacted, status, duration).
+pub const ACCESS: &str = "handover::access";
+/// The `tracing` target of the audit log: one line per subscription change (peer,
+/// client channel, topics added and removed): who read what.
+pub const AUDIT: &str = "handover::audit";
 
 pub struct Downstream {
     pub sessions: Arc<Sessions>,
     /// Read at each decision: `server.public_url` for a new channel's `connectUri`,
-    /// `server.heartbeat` for a new socket.
+    /// `server.heartbeat` for a new socket, the front door, the topic policy and the
+    /// limits.
     pub config: Arc<ArcSwap<Config>>,
     /// The client listener's bound address: the default `public_url` names it (with
     /// port 0 only the bound address is reachable).
@@ -40,27 +64,61 @@ pub struct Downstream {
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     pub drain: Arc<Drain>,
+    pub peers: Arc<Peers>,
+    pub subscriptions: Arc<Subscriptions>,
+    pub available: Arc<AvailableTopics>,
 }
 
 impl Downstream {
     pub async fn handle(self: Arc<Self>, req: Request) -> Response {
-        match self.route(req).await {
-            Ok(response) => response,
-            Err(error) => error.into_response(),
-        }
+        let config = self.config.load_full();
+        let peer = gate::peer(&req, &config.server.trusted_proxies);
+        let route = route::client_route(req.uri().path());
+        let mut line = AccessLine {
+            started: Instant::now(),
+            peer,
+            method: req.method().clone(),
+            route,
+            status: None,
+        };
+        let response = match gate::admit(&req, &config.server, peer, route) {
+            Admission::Refused(response) | Admission::Preflight(response) => response,
+            Admission::Admitted(origin) => {
+                let mut response = match self.route(req, peer, &config).await {
+                    Ok(response) => response,
+                    Err(error) => error.into_response(),
+                };
+                gate::decorate(&mut response, origin.as_ref());
+                response
+            }
+        };
+        line.status = Some(response.status().as_u16());
+        response
     }
 
-    async fn route(&self, mut req: Request) -> Result<Response, ClientError> {
+    async fn route(
+        &self,
+        mut req: Request,
+        peer: IpAddr,
+        config: &Config,
+    ) -> Result<Response, ClientError> {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
         match segments.as_slice() {
             ["api", "v2", "notifications", "channels"] => match method {
-                Method::POST => Ok(self.create_channel()),
+                Method::POST => self.create_channel(peer, config),
                 // Genesys lists the caller's own channels; an anonymous caller has none.
                 Method::GET => Ok(json(StatusCode::OK, &json!({ "entities": [] }))),
                 _ => Err(method_not_allowed(&method)),
             },
+            ["api", "v2", "notifications", "availabletopics"] if method == Method::GET => {
+                let answer = self
+                    .available
+                    .answer(req.uri().query(), &config.topics)
+                    .await?;
+                Ok(json(StatusCode::OK, &answer))
+            }
             ["api", "v2", "notifications", "channels", id] => match method {
                 Method::HEAD => {
                     let status = if self.sessions.get(id).is_some() {
@@ -86,13 +144,14 @@ impl Downstream {
                 "subscriptions",
             ] => {
                 let channel = self.channel(id)?;
-                self.subscriptions(req, &channel).await
+                self.subscriptions(req, peer, config, &channel).await
             }
             ["channels", id] if method == Method::GET => {
                 let channel = self.channel(id)?;
-                self.open_socket(&mut req, channel, false)
+                let slot = self.peers.open_socket(peer, &config.limits)?;
+                self.open_socket(&mut req, channel, peer, slot, config, false)
             }
-            ["stream"] if method == Method::GET => self.stream(req).await,
+            ["stream"] if method == Method::GET => self.stream(req, peer, config).await,
             _ => Err(ClientError::not_found(format!("No resource at {path}"))),
         }
     }
@@ -103,32 +162,42 @@ impl Downstream {
             .ok_or_else(|| ClientError::not_found(format!("Channel {id} not found")))
     }
 
-    /// The base of every `connectUri` (`ws://host:port`, no trailing slash).
+    /// The base of every `connectUri` (`ws://host:port` or `wss://`, no trailing
+    /// slash). The default names the listen address; with port 0 only the bound
+    /// address is reachable.
     fn public_url(&self) -> String {
         let server = &self.config.load().server;
-        if server.public_url == format!("ws://{}", server.listen) {
-            format!("ws://{}", self.client_addr)
+        let scheme = if server.tls.is_some() { "wss" } else { "ws" };
+        if server.public_url == format!("{scheme}://{}", server.listen) {
+            format!("{scheme}://{}", self.client_addr)
         } else {
             server.public_url.clone()
         }
     }
 
     /// `POST /api/v2/notifications/channels` (any body, including the SDK's `null`).
-    fn create_channel(&self) -> Response {
-        let channel = self.sessions.create();
-        json(
+    fn create_channel(&self, peer: IpAddr, config: &Config) -> Result<Response, ClientError> {
+        let channel = self.peers.create_channel(
+            peer,
+            &self.sessions,
+            &config.limits,
+            config.server.client_idle,
+        )?;
+        Ok(json(
             StatusCode::OK,
             &json!({
                 "id": channel.id,
                 "connectUri": format!("{}/channels/{}", self.public_url(), channel.id),
                 "expires": humantime::format_rfc3339_millis(channel.expires).to_string(),
             }),
-        )
+        ))
     }
 
     async fn subscriptions(
         &self,
         req: Request,
+        peer: IpAddr,
+        config: &Config,
         channel: &Arc<ClientChannel>,
     ) -> Result<Response, ClientError> {
         let method = req.method().clone();
@@ -138,9 +207,10 @@ impl Downstream {
             Method::GET => None,
             Method::DELETE => Some(Change::RemoveAll),
             Method::POST | Method::PUT => {
-                let body = http_server::read_body(req.into_body())
-                    .await
-                    .map_err(|e| ClientError::bad_request(e.to_string()))?;
+                let body =
+                    http_server::read_body_within(req.into_body(), config.server.body_read_timeout)
+                        .await
+                        .map_err(|e| ClientError::new(e.status(), "bad.request", e.to_string()))?;
                 let topics = parse_topics(&body)?;
                 Some(if method == Method::POST {
                     Change::Add(topics)
@@ -151,7 +221,11 @@ impl Downstream {
             _ => return Err(method_not_allowed(&method)),
         };
         let entities = match change {
-            Some(change) => self.sessions.change(channel, change, ignore_errors).await?,
+            Some(change) => {
+                self.subscriptions
+                    .change(peer, channel, change, ignore_errors)
+                    .await?
+            }
             None => sessions::permitted(channel),
         };
         Ok(json(StatusCode::OK, &json!({ "entities": entities })))
@@ -159,7 +233,12 @@ impl Downstream {
 
     /// `GET /stream?topics=a,b`: one URL, no REST dance. The topics are live upstream
     /// before the 101 is sent; the channel ends with the socket.
-    async fn stream(&self, mut req: Request) -> Result<Response, ClientError> {
+    async fn stream(
+        &self,
+        mut req: Request,
+        peer: IpAddr,
+        config: &Config,
+    ) -> Result<Response, ClientError> {
         let topics: Vec<String> = query_param(req.uri(), "topics")
             .unwrap_or_default()
             .split(',')
@@ -179,7 +258,13 @@ impl Downstream {
                 "/stream only speaks WebSocket",
             ));
         }
-        let channel = self.sessions.create();
+        let slot = self.peers.open_socket(peer, &config.limits)?;
+        let channel = self.peers.create_channel(
+            peer,
+            &self.sessions,
+            &config.limits,
+            config.server.client_idle,
+        )?;
         // Whatever happens to this request from here on (an error, or the desktop
         // going away mid-subscribe), the channel closes with it unless its socket
         // takes it over.
@@ -188,20 +273,24 @@ impl Downstream {
             tasks: self.tasks.clone(),
             id: Some(channel.id.clone()),
         };
-        self.sessions
-            .change(&channel, Change::Add(topics), false)
+        self.subscriptions
+            .change(peer, &channel, Change::Add(topics), false)
             .await?;
-        let response = self.open_socket(&mut req, channel, true)?;
+        let response = self.open_socket(&mut req, channel, peer, slot, config, true)?;
         owner.id = None;
         Ok(response)
     }
 
     /// Upgrades to the client socket of `channel` (replacing any socket it has); an
-    /// `ephemeral` channel (`/stream`) ends with its socket.
+    /// `ephemeral` channel (`/stream`) ends with its socket. The socket holds `slot`,
+    /// one of the peer's sockets, while it is open.
     fn open_socket(
         &self,
         req: &mut Request,
         channel: Arc<ClientChannel>,
+        peer: IpAddr,
+        slot: SocketSlot,
+        config: &Config,
         ephemeral: bool,
     ) -> Result<Response, ClientError> {
         let (response, pending) = ws::accept(req).map_err(|refused| {
@@ -219,22 +308,51 @@ impl Downstream {
         }
         let client = ClientSocket {
             channel: channel.clone(),
-            sessions: self.sessions.clone(),
+            subscriptions: self.subscriptions.clone(),
+            peer,
             heartbeat: self.config.load().server.heartbeat,
             shutdown: self.shutdown.clone(),
             drain: self.drain.clone(),
         };
         let sessions = self.sessions.clone();
+        // The 101 must be written within the header read timeout too: a peer that
+        // does not read it does not hold a socket slot.
+        let handshake = config.server.header_read_timeout;
         self.tasks.spawn(async move {
-            match pending.open().await {
-                Ok(socket) => client.serve(socket, generation, outbox).await,
-                Err(_) => channel.outbox.detach(generation),
+            let _slot = slot;
+            match tokio::time::timeout(handshake, pending.open()).await {
+                Ok(Ok(socket)) => client.serve(socket, generation, outbox).await,
+                _ => channel.outbox.detach(generation),
             }
             if ephemeral {
                 sessions.close(&channel.id).await;
             }
         });
         Ok(response)
+    }
+}
+
+/// A request's line in the access log, written when the request ends: with its
+/// status, or 499 (nginx's "client closed request") if the client went away first.
+struct AccessLine {
+    started: Instant,
+    peer: IpAddr,
+    method: Method,
+    route: &'static str,
+    status: Option<u16>,
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: ACCESS,
+            peer = %self.peer,
+            method = %self.method,
+            route = self.route,
+            status = self.status.unwrap_or(499),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "client request"
+        );
     }
 }
 

@@ -9,6 +9,7 @@
 //! change takes from the router or the pool can be stranded by a dropped future.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -41,6 +42,8 @@ pub struct ClientChannel {
     /// The client-facing id: random, URL-safe, unrelated to any upstream id.
     pub id: String,
     pub session: SessionId,
+    /// The peer that created it (see `front::peer`): its limits are charged.
+    pub peer: IpAddr,
     pub outbox: Arc<Outbox>,
     pub expires: SystemTime,
     topics: Mutex<BTreeSet<String>>,
@@ -166,10 +169,11 @@ impl Sessions {
         self.closes.get_or_create(&close_labels(by, code)).inc();
     }
 
-    pub fn create(&self) -> Arc<ClientChannel> {
+    pub fn create(&self, peer: IpAddr) -> Arc<ClientChannel> {
         let channel = Arc::new(ClientChannel {
             id: new_channel_id(),
             session: self.next_session.fetch_add(1, Ordering::Relaxed),
+            peer,
             outbox: Arc::new(Outbox::default()),
             expires: SystemTime::now() + ADVERTISED_LIFETIME,
             topics: Mutex::default(),
@@ -210,6 +214,15 @@ impl Sessions {
             std::mem::take(&mut *channel.topics.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
+        if !topics.is_empty() {
+            tracing::info!(
+                target: crate::downstream::AUDIT,
+                peer = %channel.peer,
+                session = channel.session,
+                removed = ?topics,
+                "client channel closed: its topics are unsubscribed"
+            );
+        }
         self.unsubscribe(&channel, &topics);
     }
 
@@ -233,16 +246,20 @@ impl Sessions {
     /// change that fails leaves the channel's topics as they were (as at Genesys):
     /// topics leave only once the new ones are live. The change completes even if this
     /// future is dropped.
+    /// `requester` (the peer that asked) is named in the audit line.
     pub async fn change(
         self: &Arc<Self>,
         channel: &Arc<ClientChannel>,
         change: Change,
         ignore_errors: bool,
+        requester: IpAddr,
     ) -> Result<Vec<TopicAnswer>, ClientError> {
         let (sessions, channel) = (self.clone(), channel.clone());
-        let task = self
-            .tasks
-            .spawn(async move { sessions.apply(&channel, change, ignore_errors).await });
+        let task = self.tasks.spawn(async move {
+            sessions
+                .apply(&channel, change, ignore_errors, requester)
+                .await
+        });
         task.await.unwrap_or_else(|_| {
             Err(ClientError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -257,6 +274,7 @@ impl Sessions {
         channel: &Arc<ClientChannel>,
         change: Change,
         ignore_errors: bool,
+        requester: IpAddr,
     ) -> Result<Vec<TopicAnswer>, ClientError> {
         // One change at a time per channel: each is computed against the last.
         let _one_change = channel.changing.lock().await;
@@ -299,6 +317,18 @@ impl Sessions {
                 .collect();
             self.unsubscribe(channel, &rejected);
             next.retain(|t| !rejected.contains(t));
+        }
+        let added: Vec<&String> = next.difference(&current).collect();
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(
+                target: crate::downstream::AUDIT,
+                peer = %requester,
+                owner = %channel.peer,
+                session = channel.session,
+                ?added,
+                ?removed,
+                "subscriptions changed"
+            );
         }
         *channel.topics.lock().unwrap_or_else(|p| p.into_inner()) = next;
         self.unsubscribe(channel, &removed);

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,7 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use super::sessions::{Change, ClientChannel, Sessions};
+use super::sessions::{Change, ClientChannel};
+use super::subscribe::Subscriptions;
 use crate::drain::Drain;
 use crate::frame;
 use crate::router::gap_frame;
@@ -46,7 +48,10 @@ const WRITE_STALL: Duration = Duration::from_secs(10);
 
 pub struct ClientSocket {
     pub channel: Arc<ClientChannel>,
-    pub sessions: Arc<Sessions>,
+    /// In-band subscribes go through the same policy and limits as REST ones.
+    pub subscriptions: Arc<Subscriptions>,
+    /// The peer on this socket, charged for its in-band subscribes.
+    pub peer: IpAddr,
     pub heartbeat: Duration,
     pub shutdown: CancellationToken,
     pub drain: Arc<Drain>,
@@ -183,9 +188,12 @@ impl ClientSocket {
             }
         };
         match &end {
-            End::ClosedByClient(code) => self.sessions.count_close("client", *code),
-            End::Gone => self.sessions.count_close("client", None),
-            End::Close(code, _) => self.sessions.count_close("proxy", Some(u16::from(*code))),
+            End::ClosedByClient(code) => self.subscriptions.sessions.count_close("client", *code),
+            End::Gone => self.subscriptions.sessions.count_close("client", None),
+            End::Close(code, _) => self
+                .subscriptions
+                .sessions
+                .count_close("proxy", Some(u16::from(*code))),
         }
         close(&mut socket, end).await;
         self.channel.outbox.detach(generation);
@@ -202,16 +210,20 @@ impl ClientSocket {
     }
 
     /// Carries out one in-band subscribe and builds its answer. The change itself
-    /// completes even if the socket goes away meanwhile (see `Sessions::change`).
+    /// completes even if the socket goes away meanwhile (see `Subscriptions::change`).
     fn subscribe(&self, topics: Option<Vec<String>>, correlation_id: Value) -> Answer {
-        let (sessions, channel) = (self.sessions.clone(), self.channel.clone());
+        let (subscriptions, channel, peer) =
+            (self.subscriptions.clone(), self.channel.clone(), self.peer);
         Box::pin(async move {
             let answer = match topics.filter(|t| !t.is_empty()) {
                 None => json!({
                     "correlationId": correlation_id, "result": "400", "status": "error",
                     "message": "Required data missing from subscribe request."
                 }),
-                Some(topics) => match sessions.change(&channel, Change::Add(topics), false).await {
+                Some(topics) => match subscriptions
+                    .change(peer, &channel, Change::Add(topics), false)
+                    .await
+                {
                     Ok(_) => {
                         json!({"correlationId": correlation_id, "result": "200", "status": "subscribed"})
                     }

@@ -54,6 +54,15 @@ pub(super) async fn handle(
             let bearer = authorize(fake, &req).await?;
             subscriptions(fake, req, &bearer, channel_id).await
         }
+        ["api", "v2", "notifications", "availabletopics"] => {
+            only(&method, &[Method::GET])?;
+            authorize(fake, &req).await?;
+            let settings = fake.state().settings.clone();
+            Ok(json(
+                StatusCode::OK,
+                &super::topics::listing(req.uri().query(), |id| settings.is_denied(id)),
+            ))
+        }
         ["api", "v2", "tokens", "me"] => {
             only(&method, &[Method::GET, Method::DELETE])?;
             let bearer = authorize(fake, &req).await?;

@@ -14,6 +14,7 @@ mod events;
 mod settings;
 mod socket;
 mod state;
+mod topics;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,7 +12,13 @@ const PYTHON_PACKAGES: [&str; 3] = [
     "websockets==17.4",
     "prometheus-client==0.26.0",
 ];
-const NODE_PACKAGES: [&str; 1] = ["ws@8.23.1"];
+/// Node's `ws`; playwright-core, which drives Debian's Chromium (it downloads no
+/// browser of its own); Genesys' Node SDK.
+const NODE_PACKAGES: [&str; 3] = [
+    "ws@8.23.1",
+    "playwright-core@1.65.1",
+    "purecloud-platform-client-v2@262.0.0",
+];
 
 /// The Python packages' directory (for `PYTHONPATH`).
 pub async fn python_deps(python: &str) -> String {
@@ -59,7 +65,11 @@ pub async fn python_deps(python: &str) -> String {
 pub async fn node_deps() -> String {
     let prefix = concat!(env!("CARGO_MANIFEST_DIR"), "/target/node");
     let modules = format!("{prefix}/node_modules");
-    if !std::path::Path::new(&format!("{modules}/ws/package.json")).exists() {
+    let installed = |package: &str| {
+        let name = package.rsplit_once('@').map_or(package, |(name, _)| name);
+        std::path::Path::new(&format!("{modules}/{name}/package.json")).exists()
+    };
+    if !NODE_PACKAGES.iter().all(|package| installed(package)) {
         let installed = Command::new("npm")
             .args([
                 "install",
@@ -163,4 +173,62 @@ pub async fn parse_metrics(text: &str) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// A client script from `tests/clients/` in `language` ("python" or "node"), run
+/// with `args`, its JSON lines read one at a time.
+pub struct Script {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Script {
+    pub async fn start(language: &str, script: &str, args: &[&str]) -> Script {
+        use std::process::Stdio;
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
+        let mut command = match language {
+            "python" => {
+                let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+                let deps = python_deps(&python).await;
+                let mut command = Command::new(python);
+                command.env("PYTHONPATH", deps);
+                command
+            }
+            "node" => {
+                let mut command = Command::new("node");
+                command.env("NODE_PATH", node_deps().await);
+                command
+            }
+            other => panic!("no client in {other}"),
+        };
+        let mut child = command
+            .arg(format!("{dir}/{script}"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{language} {script} runs: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        Script {
+            child,
+            lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+        }
+    }
+
+    /// The next JSON line it prints, within `within`.
+    pub async fn next(&mut self, within: Duration) -> Value {
+        let line = tokio::time::timeout(within, self.lines.next_line())
+            .await
+            .expect("the client answers in time")
+            .expect("stdout")
+            .expect("the client printed a line (see its stderr above)");
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"))
+    }
+
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the client exits")
+            .expect("wait")
+    }
 }

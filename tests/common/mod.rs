@@ -275,6 +275,7 @@ where
     }
 }
 
+pub mod certs;
 pub mod clients;
 pub mod hostile;
 pub mod proxy;

@@ -112,10 +112,14 @@ pub fn proxy_config(
     } else {
         "[server]\nlisten = \"127.0.0.1:0\"\n"
     };
-    let mut toml = format!(
-        "{server}[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [genesys]\nlogin_url = \"{fake_url}\"\napi_url = \"{fake_url}\"\n"
-    );
+    // And its own [admin] table.
+    let admin = if extra.contains("[admin]") {
+        ""
+    } else {
+        "[admin]\nlisten = \"127.0.0.1:0\"\n"
+    };
+    let mut toml =
+        format!("{server}{admin}[genesys]\nlogin_url = \"{fake_url}\"\napi_url = \"{fake_url}\"\n");
     for c in credentials {
         toml.push_str(&format!(
             "[[credentials]]\nname = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n",

@@ -50,11 +50,21 @@ pub struct Served {
 /// Writes `config` to a file and runs `handover serve --config FILE ARGS…` with
 /// `RUST_LOG=log_level`; returns once it printed the addresses it listens on.
 pub async fn serve(config: &str, args: &[&str], log_level: &str) -> Served {
+    serve_with(handover(), config, args, log_level).await
+}
+
+/// [`serve`] through `command`, which runs the binary (`prlimit … -- handover`).
+pub async fn serve_with(
+    mut command: Command,
+    config: &str,
+    args: &[&str],
+    log_level: &str,
+) -> Served {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("handover.toml");
     std::fs::write(&path, config).expect("write config");
     let spawned = Instant::now();
-    let mut child = handover()
+    let mut child = command
         .args(["serve", "--config"])
         .arg(&path)
         .args(args)
