@@ -63,6 +63,9 @@ pub struct Admin {
     pub operations: Arc<dyn Operations>,
     /// `[admin] token_file`: read at every request (rotating it is writing it).
     pub token_file: Option<std::path::PathBuf>,
+    /// Requests refused at the gate, by reason (`unauthorized`, `forbidden`,
+    /// `unsupported.media.type`).
+    pub refusals: metrics::ByReason,
 }
 
 impl Admin {
@@ -153,7 +156,7 @@ impl Admin {
             },
         };
         let refusal = judge(method, path, req.headers(), token.as_ref()).err()?;
-        // metrics: admin requests refused, by reason.
+        self.refusals.count(refusal.code());
         tracing::warn!(
             route = crate::front::route::admin_route(path),
             reason = refusal.message(),
@@ -166,11 +169,7 @@ impl Admin {
 /// An admin refusal in Genesys' error shape (401 with `WWW-Authenticate: Bearer`).
 fn refused(refusal: crate::front::admin::AdminRefusal) -> Response {
     let status = refusal.status();
-    let code = match refusal {
-        crate::front::admin::AdminRefusal::Unauthorized => "unauthorized",
-        crate::front::admin::AdminRefusal::Forbidden(_) => "forbidden",
-        crate::front::admin::AdminRefusal::UnsupportedMediaType => "unsupported.media.type",
-    };
+    let code = refusal.code();
     let mut response = json(
         status,
         &json!({"message": refusal.message(), "code": code, "status": status.as_u16()}),

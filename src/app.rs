@@ -142,7 +142,9 @@ impl Proxy {
             config: config.clone(),
             tasks: tasks.clone(),
         });
-        let (client_options, admin_options) = listener_options(&config.load(), tls.clone());
+        let listeners = http_server::Listeners::default();
+        let (client_options, admin_options) =
+            listener_options(&config.load(), tls.clone(), &listeners);
         let tls_for_reload = tls.clone();
         if let Some(tls) = tls {
             tasks.spawn(tls.watch(shutdown.clone()));
@@ -155,10 +157,11 @@ impl Proxy {
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
             drain: drain.clone(),
-            peers,
+            peers: peers.clone(),
             subscriptions,
             available: Arc::new(AvailableTopics::new(genesys.clone(), tokens.clone())),
         });
+        let admin_refusals = metrics::ByReason::default();
         // Every part registers its own metrics.
         let mut registry = metrics::registry();
         {
@@ -169,6 +172,17 @@ impl Proxy {
             parts.register_metrics(ours);
             router.register_metrics(ours);
             sessions.register_metrics(ours);
+            peers.register_metrics(ours);
+            admin_refusals.register(
+                ours,
+                "admin_requests_refused",
+                "Admin requests refused at its gate, by reason.",
+                &["unauthorized", "forbidden", "unsupported.media.type"],
+            );
+            listeners.register_metrics(ours);
+            if let Some(tls) = &tls_for_reload {
+                tls.register_metrics(ours);
+            }
             let counted = tasks.clone();
             Readings::new()
                 .gauge(
@@ -190,6 +204,7 @@ impl Proxy {
                 config: config.clone(),
             }),
             token_file: config.load().admin.token_file.clone(),
+            refusals: admin_refusals,
         });
         tasks.spawn(http_server::serve_with(
             client_listener,
@@ -378,6 +393,7 @@ impl Operations for Ops {
 fn listener_options(
     config: &Config,
     tls: Option<Arc<ServerTls>>,
+    listeners: &http_server::Listeners,
 ) -> (http_server::Options, http_server::Options) {
     let server = &config.server;
     let client = http_server::Options {
@@ -391,6 +407,7 @@ fn listener_options(
             Vec::new()
         },
         tls,
+        metrics: listeners.of("client"),
     };
     let admin = http_server::Options {
         name: "admin",
@@ -399,6 +416,7 @@ fn listener_options(
         keep_alive_idle: Some(server.keep_alive_idle),
         proxy_protocol_from: Vec::new(),
         tls: None,
+        metrics: listeners.of("admin"),
     };
     (client, admin)
 }

@@ -11,7 +11,9 @@
 use std::fmt;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 pub use prometheus_client::registry::Registry;
@@ -44,6 +46,36 @@ pub fn encode(registry: &Registry) -> String {
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+/// A counter by `reason` (refusals, mostly); clones count into the same family.
+#[derive(Clone, Default)]
+pub struct ByReason(Family<ReasonLabels, Counter>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+impl ByReason {
+    pub fn count(&self, reason: &'static str) {
+        self.0.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Registers it as `name`, with each of `reasons` from zero so that dashboards
+    /// and alerts see the series before the first one.
+    pub fn register(
+        &self,
+        registry: &mut Registry,
+        name: &'static str,
+        help: &'static str,
+        reasons: &[&'static str],
+    ) {
+        for &reason in reasons {
+            let _ = self.0.get_or_create(&ReasonLabels { reason });
+        }
+        registry.register(name, help, self.0.clone());
+    }
 }
 
 /// Reads a gauge's value when scraped.

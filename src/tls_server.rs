@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -58,6 +61,10 @@ pub struct ServerTls {
     config: Arc<ServerConfig>,
     /// The files' bytes as last loaded, to tell a change from a touch.
     loaded: Mutex<(Vec<u8>, Zeroizing<Vec<u8>>)>,
+    /// New pairs taken into use.
+    reloads: Counter,
+    /// 1 while the files hold a pair that does not load (the current one is kept).
+    failing: Gauge,
 }
 
 impl ServerTls {
@@ -80,6 +87,8 @@ impl ServerTls {
             resolver,
             config: Arc::new(config),
             loaded: Mutex::new((cert_bytes, key_bytes)),
+            reloads: Counter::default(),
+            failing: Gauge::default(),
         }))
     }
 
@@ -91,6 +100,15 @@ impl ServerTls {
     /// Reads the files again; swaps in the pair if it changed and is usable.
     /// `Ok(true)`: a new pair is in use; `Ok(false)`: the files are unchanged.
     pub fn reload(&self) -> Result<bool, TlsError> {
+        let outcome = self.try_reload();
+        self.failing.set(i64::from(outcome.is_err()));
+        if let Ok(true) = outcome {
+            self.reloads.inc();
+        }
+        outcome
+    }
+
+    fn try_reload(&self) -> Result<bool, TlsError> {
         let (cert_bytes, key_bytes) = read_pair(&self.cert_file, &self.key_file)?;
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if loaded.0 == cert_bytes && *loaded.1 == *key_bytes {
@@ -108,6 +126,19 @@ impl ServerTls {
         Ok(true)
     }
 
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "tls_certificate_reloads",
+            "New certificate and key pairs taken into use on the client listener.",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_reload_failing",
+            "1 while the certificate and key files hold a pair that does not load (the current pair is kept).",
+            self.failing.clone(),
+        );
+    }
+
     /// Polls the files until `shutdown`, reloading when they change. A failure is
     /// logged once until it changes (a rotation may write the two files one after
     /// the other: the first look may see a mismatched pair).
@@ -118,8 +149,6 @@ impl ServerTls {
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
                 _ = shutdown.cancelled() => return,
             }
-            // metrics: certificate reloads and failed reloads; the current
-            // certificate's expiry (seconds) as a gauge.
             match self.reload() {
                 Ok(true) => {
                     last_error = None;

@@ -71,6 +71,29 @@ async fn metrics_parse_and_move() {
         reason: "logout".into(),
     };
     leaving.close(Some(logout)).await.unwrap();
+    // The front door refuses a foreign page, a rebinding Host, and a browser at the
+    // admin listener.
+    let foreign_page = w.client.send(
+        w.client
+            .http
+            .get(format!("{}/api/v2/notifications/channels", w.client.base))
+            .header("Origin", "https://elsewhere.example"),
+    );
+    let rebound = w.client.send(
+        w.client
+            .http
+            .get(format!("{}/api/v2/notifications/channels", w.client.base))
+            .header("Host", "attacker.example"),
+    );
+    let browser_at_admin = w.admin.send(
+        w.admin
+            .http
+            .get(format!("{}/admin/credentials", w.admin.base))
+            .header("Origin", "https://elsewhere.example"),
+    );
+    for refused in [foreign_page.await, rebound.await, browser_at_admin.await] {
+        assert_eq!(refused.status, 403, "{:?}", refused.body);
+    }
     stream_done(&w.fake_api, stream, tokio::time::Instant::now() + DEADLINE).await;
     settle(&desktops, &|d| d.expected(stream, &watched, 300)).await;
 
@@ -112,6 +135,12 @@ async fn metrics_parse_and_move() {
         ("handover_client_sockets", "gauge"),
         ("handover_topics", "gauge"),
         ("handover_tasks", "gauge"),
+        ("handover_requests_refused", "counter"),
+        ("handover_admin_requests_refused", "counter"),
+        ("handover_peers", "gauge"),
+        ("handover_connections_open", "gauge"),
+        ("handover_connections_refused", "counter"),
+        ("handover_accept_errors", "counter"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_open_fds", "gauge"),
     ] {
@@ -182,7 +211,35 @@ async fn metrics_parse_and_move() {
             &[("route", "create_channel"), ("status", "200")]
         ) >= 1.0
     );
+    for reason in ["origin", "host"] {
+        assert_eq!(
+            moved(
+                "handover_requests_refused",
+                "handover_requests_refused_total",
+                &[("reason", reason)]
+            ),
+            1.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        moved(
+            "handover_admin_requests_refused",
+            "handover_admin_requests_refused_total",
+            &[("reason", "forbidden")]
+        ),
+        1.0
+    );
     // Gauges say where things stand.
+    assert!(
+        value(
+            &after,
+            "handover_connections_open",
+            "handover_connections_open",
+            &[("listener", "client")]
+        ) >= 1.0,
+        "the desktop's socket is a connection"
+    );
     let slots = value(
         &after,
         "handover_budget_slots_used",

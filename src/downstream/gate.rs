@@ -12,6 +12,7 @@ use crate::config::ServerConfig;
 use crate::front::origin::{self, OriginVerdict};
 use crate::front::peer;
 use crate::http_server::{ConnInfo, Request, Response};
+use crate::metrics::ByReason;
 
 /// What the door says before routing.
 pub enum Admission {
@@ -39,11 +40,17 @@ pub fn peer(req: &Request, trusted: &[ipnet::IpNet]) -> IpAddr {
 }
 
 /// Judges `Host` and `Origin` (see `front::origin`).
-pub fn admit(req: &Request, server: &ServerConfig, peer: IpAddr, route: &str) -> Admission {
+pub fn admit(
+    req: &Request,
+    server: &ServerConfig,
+    peer: IpAddr,
+    route: &str,
+    refusals: &ByReason,
+) -> Admission {
     let headers = req.headers();
     if !origin::host_allowed(headers, &server.host_names) {
         let host = shown(headers.get(header::HOST));
-        // metrics: requests refused for their Host.
+        refusals.count("host");
         tracing::warn!(%peer, host, route, "request refused: its Host is not a name of this proxy (DNS-rebinding guard; see server.allowed_hosts)");
         let refusal = if headers.contains_key(header::HOST) {
             ClientError::new(
@@ -60,7 +67,7 @@ pub fn admit(req: &Request, server: &ServerConfig, peer: IpAddr, route: &str) ->
         OriginVerdict::Absent => Admission::Admitted(None),
         OriginVerdict::Foreign => {
             let origin = shown(headers.get(header::ORIGIN));
-            // metrics: requests refused for their Origin.
+            refusals.count("origin");
             tracing::warn!(%peer, origin, route, "request refused: its Origin is not in server.allowed_origins");
             Admission::Refused(vary(
                 ClientError::new(

@@ -81,7 +81,7 @@ impl Downstream {
             route,
             status: None,
         };
-        let response = match gate::admit(&req, &config.server, peer, route) {
+        let response = match gate::admit(&req, &config.server, peer, route, self.peers.refusals()) {
             Admission::Refused(response) | Admission::Preflight(response) => response,
             Admission::Admitted(origin) => {
                 let mut response = match self.route(req, peer, &config).await {

@@ -14,13 +14,15 @@ use tokio::time::Instant;
 
 use super::error::ClientError;
 use super::sessions::{ClientChannel, Sessions};
-use crate::front::limits::{CallBudget, PeerLimits};
+use crate::front::limits::{CallBudget, PeerLimits, Refusal};
 use crate::front::peer::limit_key;
+use crate::metrics::{ByReason, Readings, Registry};
 use crate::topic;
 
 #[derive(Default)]
 pub struct Peers {
     book: Mutex<Book>,
+    refusals: ByReason,
 }
 
 #[derive(Default)]
@@ -46,8 +48,42 @@ impl Peers {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    // metrics: refusals by limit (channels, sockets, calls, topics, share), and the
-    // number of peers in the book.
+    /// Counts what the front door refuses (`host`, `origin`), with the limits'
+    /// refusals (by their Genesys code).
+    pub fn refusals(&self) -> &ByReason {
+        &self.refusals
+    }
+
+    /// Registers the refusals and the number of peers in the book.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        self.refusals.register(
+            registry,
+            "requests_refused",
+            "Client requests and upgrades the front door refused, by reason: host, origin, or the per-peer limit's code.",
+            &[
+                "host",
+                "origin",
+                "too.many.channels",
+                "too.many.sockets",
+                "too.many.requests",
+                "too.many.topics",
+                "upstream.share.exceeded",
+            ],
+        );
+        let peers = self.clone();
+        Readings::new()
+            .gauge(
+                "peers",
+                "Peers in the book of per-peer limits: holding channels or sockets, or remembered for their call allowance.",
+                move || peers.book().entries.len() as i64,
+            )
+            .register(registry);
+    }
+
+    fn refused(&self, refusal: Refusal) -> ClientError {
+        self.refusals.count(refusal.code);
+        refusal.into()
+    }
 
     /// Creates a client channel for `peer`, unless it holds as many as it may.
     pub fn create_channel(
@@ -64,7 +100,7 @@ impl Peers {
         if !limits.exempts(peer) {
             limits
                 .admit_channel(entry.channels.len(), client_idle)
-                .map_err(ClientError::from)?;
+                .map_err(|refusal| self.refused(refusal))?;
         }
         let channel = sessions.create(peer);
         entry.channels.push(channel.clone());
@@ -83,7 +119,7 @@ impl Peers {
         if !limits.exempts(peer) {
             limits
                 .admit_socket(entry.sockets)
-                .map_err(ClientError::from)?;
+                .map_err(|refusal| self.refused(refusal))?;
         }
         entry.sockets += 1;
         Ok(SocketSlot {
@@ -105,7 +141,7 @@ impl Peers {
             .calls
             .get_or_insert_with(|| CallBudget::new(per_minute, now))
             .take(per_minute, now)
-            .map_err(ClientError::from)
+            .map_err(|refusal| self.refused(refusal))
     }
 
     /// Judges a change that leaves the owner's `channel` with `next` against the
@@ -154,7 +190,7 @@ impl Peers {
         }
         limits
             .admit_topics(usage(&before), usage(&after), budget)
-            .map_err(ClientError::from)?;
+            .map_err(|refusal| self.refused(refusal))?;
         entry.reserved.push((id, channel.id.clone(), next));
         Ok(Reservation {
             peers: self.clone(),

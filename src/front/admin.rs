@@ -28,6 +28,15 @@ pub enum AdminRefusal {
 }
 
 impl AdminRefusal {
+    /// Its code in Genesys' error shape (and the metric's `reason`).
+    pub fn code(self) -> &'static str {
+        match self {
+            AdminRefusal::Unauthorized => "unauthorized",
+            AdminRefusal::Forbidden(_) => "forbidden",
+            AdminRefusal::UnsupportedMediaType => "unsupported.media.type",
+        }
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,

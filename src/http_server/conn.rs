@@ -20,6 +20,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -53,7 +54,7 @@ pub(super) fn refuse_at_cap(stream: TcpStream, tls: bool) {
 pub(super) async fn serve<S, F>(
     stream: TcpStream,
     remote: SocketAddr,
-    slot: Option<OwnedSemaphorePermit>,
+    held: Held,
     options: Arc<Options>,
     service: S,
     shutdown: CancellationToken,
@@ -106,7 +107,7 @@ pub(super) async fn serve<S, F>(
     let io = Tracked {
         io,
         activity: activity.clone(),
-        _slot: slot,
+        _held: held,
     };
     let svc = {
         let activity = activity.clone();
@@ -328,7 +329,27 @@ impl Drop for Busy {
 struct Tracked<IO> {
     io: IO,
     activity: Arc<Activity>,
+    _held: Held,
+}
+
+/// An accepted connection's place: its slot under the cap, and its count in the
+/// listener's open connections, both given back when it is dropped.
+pub(super) struct Held {
     _slot: Option<OwnedSemaphorePermit>,
+    open: Gauge,
+}
+
+impl Held {
+    pub(super) fn new(slot: Option<OwnedSemaphorePermit>, open: Gauge) -> Self {
+        open.inc();
+        Self { _slot: slot, open }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {

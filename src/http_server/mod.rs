@@ -24,6 +24,11 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -67,6 +72,63 @@ pub struct Options {
     pub proxy_protocol_from: Vec<IpNet>,
     /// Serve TLS with the current certificate.
     pub tls: Option<Arc<ServerTls>>,
+    /// Counted here; registered (or not) by the listener's owner.
+    pub metrics: ListenerMetrics,
+}
+
+/// What a listener counts (see [`Listeners`]); the default counts into nothing
+/// registered.
+#[derive(Clone, Default)]
+pub struct ListenerMetrics {
+    /// Connections open, upgraded sockets included.
+    pub open: Gauge,
+    /// Connections refused because `max_connections` were open.
+    pub refused_at_cap: Counter,
+    /// Failed accepts (usually out of file descriptors).
+    pub accept_errors: Counter,
+}
+
+/// The listeners' metrics, one series per listener (`listener="client"`).
+#[derive(Default)]
+pub struct Listeners {
+    open: Family<ListenerLabels, Gauge>,
+    refused_at_cap: Family<ListenerLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+impl Listeners {
+    /// The handles listener `name` counts into.
+    pub fn of(&self, name: &'static str) -> ListenerMetrics {
+        let labels = ListenerLabels { listener: name };
+        ListenerMetrics {
+            open: self.open.get_or_create(&labels).clone(),
+            refused_at_cap: self.refused_at_cap.get_or_create(&labels).clone(),
+            accept_errors: self.accept_errors.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "connections_open",
+            "Connections open, by listener, upgraded sockets included.",
+            self.open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at once because server.max_connections were open, by listener.",
+            self.refused_at_cap.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (usually out of file descriptors), by listener; the listener backs off.",
+            self.accept_errors.clone(),
+        );
+    }
 }
 
 impl Default for Options {
@@ -78,6 +140,7 @@ impl Default for Options {
             keep_alive_idle: None,
             proxy_protocol_from: Vec::new(),
             tls: None,
+            metrics: ListenerMetrics::default(),
         }
     }
 }
@@ -141,7 +204,7 @@ pub async fn serve_with<S, F>(
             Err(error) => {
                 // Usually EMFILE or ENFILE: spinning on it would burn a core and flood
                 // the log while nothing can be accepted anyway.
-                // metrics: accept errors, by listener; connections open, by listener.
+                options.metrics.accept_errors.inc();
                 let wait = failures.next(&error, options.name);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -154,7 +217,7 @@ pub async fn serve_with<S, F>(
             Some(slots) => match slots.clone().try_acquire_owned() {
                 Ok(slot) => Some(slot),
                 Err(_) => {
-                    // metrics: connections refused at the cap, by listener.
+                    options.metrics.refused_at_cap.inc();
                     if cap_warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                         tracing::warn!(
                             listener = options.name,
@@ -171,7 +234,7 @@ pub async fn serve_with<S, F>(
         connections.spawn(conn::serve(
             stream,
             remote,
-            slot,
+            conn::Held::new(slot, options.metrics.open.clone()),
             options.clone(),
             service.clone(),
             shutdown.clone(),
