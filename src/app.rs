@@ -21,6 +21,8 @@ use crate::downstream::peers::Peers;
 use crate::downstream::sessions::Sessions;
 use crate::downstream::subscribe::Subscriptions;
 use crate::drain::Drain;
+use crate::fleet::leases::FleetLeases;
+use crate::fleet::store::Store;
 use crate::genesys::{Genesys, UpstreamError};
 use crate::http_server::{self, Request};
 use crate::metrics::{self, Readings};
@@ -30,6 +32,7 @@ use crate::tls_server::ServerTls;
 use crate::upstream::channel::{self, Parts};
 use crate::upstream::pool::{self, Pool};
 use crate::upstream::state::ChannelView;
+use crate::upstream::{Leases, Unshared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -40,6 +43,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Cluster(#[from] crate::fleet::store::StoreError),
     #[error(transparent)]
     Tls(#[from] crate::tls_server::TlsError),
     #[error(transparent)]
@@ -125,10 +130,28 @@ impl Proxy {
             router.clone(),
             shutdown.clone(),
         );
+        let fleet = match &config.load().cluster {
+            Some(cluster) => {
+                tracing::info!(
+                    redis = cluster.endpoint,
+                    "several replicas as one: the channel budget is shared in Redis"
+                );
+                let store = Store::connect(cluster)?;
+                let leases = FleetLeases::new(store.clone(), config.clone());
+                tasks.spawn(leases.clone().maintain(shutdown.clone()));
+                Some((store, leases))
+            }
+            None => None,
+        };
+        let leases: Arc<dyn Leases> = match &fleet {
+            Some((_, leases)) => leases.clone(),
+            None => Arc::new(Unshared),
+        };
         let parts = Parts::new(
             genesys.clone(),
             tokens.clone(),
             router.clone(),
+            leases,
             config.clone(),
             tasks.clone(),
             shutdown.clone(),
@@ -173,6 +196,10 @@ impl Proxy {
             router.register_metrics(ours);
             sessions.register_metrics(ours);
             peers.register_metrics(ours);
+            if let Some((store, leases)) = &fleet {
+                store.register_metrics(ours);
+                leases.register_metrics(ours);
+            }
             admin_refusals.register(
                 ours,
                 "admin_requests_refused",
@@ -487,6 +514,17 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             current.genesys.api_url != next.genesys.api_url,
         ),
         ("log.format", current.log != next.log),
+        (
+            "cluster (all but local_share)",
+            current
+                .cluster
+                .as_ref()
+                .map(|c| (&c.redis_url, &c.password_file, &c.ca_file, &c.key_prefix))
+                != next
+                    .cluster
+                    .as_ref()
+                    .map(|c| (&c.redis_url, &c.password_file, &c.ca_file, &c.key_prefix)),
+        ),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

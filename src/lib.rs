@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod downstream;
 pub mod drain;
+pub mod fleet;
 pub mod frame;
 pub mod front;
 pub mod genesys;

@@ -30,6 +30,7 @@ const LAYERS: &[&[&str]] = &[
     &["auth"],
     &["upstream"],
     &["router"],
+    &["fleet"],
     &["downstream"],
     &["admin"],
     &["app"],

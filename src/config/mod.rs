@@ -58,6 +58,10 @@ pub const MIN_MAX_CHANNELS: usize = 2;
 /// and silently evicts the oldest when a 21st is created. The budget is shared by all
 /// credential sets, and all of its channels may be pinned to the same one.
 pub const GENESYS_CHANNELS_PER_CLIENT: usize = 20;
+/// Default of `cluster.key_prefix`.
+pub const DEFAULT_KEY_PREFIX: &str = "handover";
+/// Default of `cluster.local_share`: one serving channel and the slot for its handover.
+pub const DEFAULT_LOCAL_SHARE: usize = 2;
 /// Default of `upstream.idle_channel_timeout`.
 pub const DEFAULT_IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default and upper bound of `upstream.max_topics_per_channel` (Genesys' limit).
@@ -99,6 +103,8 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     pub handover: HandoverConfig,
     pub upstream: UpstreamConfig,
+    /// `[cluster]`: several replicas as one proxy, on Redis. `None`: one process.
+    pub cluster: Option<ClusterConfig>,
     pub log: LogConfig,
     /// `[topics]`: which topics desktops may subscribe to.
     pub topics: Policy,
@@ -228,6 +234,27 @@ impl Default for UpstreamConfig {
             idle_channel_timeout: DEFAULT_IDLE_CHANNEL_TIMEOUT,
         }
     }
+}
+
+/// `[cluster]`: the replicas of one fleet share one Redis (or Valkey), and through it
+/// the OAuth client's channel budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://`, `rediss://` or `redis+unix://`; it may carry a password, so it is a
+    /// [`Secret`]: logs show [`ClusterConfig::endpoint`].
+    pub redis_url: Secret,
+    /// The URL without user name and password, for logs.
+    pub endpoint: String,
+    /// A file holding the Redis password (trimmed); it wins over one in the URL.
+    pub password_file: Option<PathBuf>,
+    /// PEM roots for `rediss://` with a private CA (instead of Mozilla's).
+    pub ca_file: Option<PathBuf>,
+    /// Every key of the fleet starts with `<key_prefix>:`, so that fleets can share
+    /// one Redis.
+    pub key_prefix: String,
+    /// The upstream channels this replica may create while Redis is unreachable (it
+    /// cannot take leases then); in `2..=upstream.max_channels`.
+    pub local_share: usize,
 }
 
 /// `[log]`.

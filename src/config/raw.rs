@@ -27,6 +27,7 @@ pub(super) struct RawConfig {
     pub credentials: Value<Vec<Spanned<RawCredential>>>,
     pub handover: Value<RawHandover>,
     pub upstream: Value<RawUpstream>,
+    pub cluster: Value<RawCluster>,
     pub log: Value<RawLog>,
     pub topics: Value<RawTopics>,
     pub limits: Value<RawLimits>,
@@ -100,6 +101,16 @@ pub(super) struct RawHandover {
 #[serde(deny_unknown_fields, expecting = "a [log] table")]
 pub(super) struct RawLog {
     pub format: Option<LogFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [cluster] table")]
+pub(super) struct RawCluster {
+    pub redis_url: Spanned<String>,
+    pub password_file: Value<PathBuf>,
+    pub ca_file: Value<PathBuf>,
+    pub key_prefix: Value<String>,
+    pub local_share: Value<usize>,
 }
 
 #[derive(Deserialize)]

@@ -754,3 +754,94 @@ fn a_secret_file_others_can_read_is_warned_about() {
     assert!(warnings(&parse(&text).unwrap()).is_empty());
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn cluster_is_optional_and_parses_every_scheme() {
+    assert_eq!(parse(MINIMAL).unwrap().cluster, None);
+    for (url, endpoint) in [
+        (
+            "redis://:hunter2@redis.internal:6380/0",
+            "redis://redis.internal:6380/0",
+        ),
+        (
+            "rediss://user:pw@redis.example.com",
+            "rediss://redis.example.com:6379",
+        ),
+        (
+            "redis+unix:///run/redis/redis.sock",
+            "redis+unix:///run/redis/redis.sock",
+        ),
+    ] {
+        let config = parse(&format!("{MINIMAL}\n[cluster]\nredis_url = \"{url}\"\n")).unwrap();
+        let cluster = config.cluster.expect("cluster");
+        assert_eq!(cluster.endpoint, endpoint);
+        assert_eq!(cluster.redis_url.expose(), url);
+        assert_eq!(cluster.key_prefix, "handover");
+        assert_eq!(cluster.local_share, 2);
+        // The URL's password shows nowhere.
+        let debug = format!("{cluster:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains(":pw@"),
+            "{debug}"
+        );
+    }
+    let config = parse(&format!(
+        "{MINIMAL}\n[upstream]\nmax_channels = 6\n[cluster]\nredis_url = \"redis://r\"\n\
+         key_prefix = \"fleet-2.eu\"\nlocal_share = 3\n"
+    ))
+    .unwrap();
+    let cluster = config.cluster.unwrap();
+    assert_eq!(
+        (cluster.key_prefix.as_str(), cluster.local_share),
+        ("fleet-2.eu", 3)
+    );
+}
+
+#[test]
+fn cluster_refuses_what_it_cannot_use_without_echoing_the_url() {
+    for (cluster, key, hint) in [
+        (
+            "redis_url = \"http://:hunter2@r\"",
+            "cluster.redis_url",
+            "scheme",
+        ),
+        (
+            "redis_url = \"not a url hunter2\"",
+            "cluster.redis_url",
+            "redis://",
+        ),
+        (
+            "redis_url = \"redis+unix://\"",
+            "cluster.redis_url",
+            "socket",
+        ),
+        (
+            "redis_url = \"redis://r\"\nkey_prefix = \"a b\"",
+            "cluster.key_prefix",
+            "[A-Za-z0-9._-]",
+        ),
+        (
+            "redis_url = \"redis://r\"\nlocal_share = 1",
+            "cluster.local_share",
+            "between 2",
+        ),
+        (
+            "redis_url = \"redis://r\"\nlocal_share = 5",
+            "cluster.local_share",
+            "max_channels (4)",
+        ),
+        ("key_prefix = \"x\"", "redis_url", "missing"),
+        (
+            "redis_url = \"redis://r\"\nhistory = 1",
+            "history",
+            "unknown",
+        ),
+    ] {
+        let message = error(&format!("{MINIMAL}\n[cluster]\n{cluster}\n"));
+        assert!(
+            message.contains(key) && message.contains(hint),
+            "{cluster}: {message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}

@@ -11,8 +11,8 @@ use toml::Spanned;
 
 use super::locate::line_column;
 use super::raw::{
-    Dur, List, RawConfig, RawCredential, RawGenesys, RawHandover, RawLimits, RawServer, RawTls,
-    RawTopics, RawUpstream, Value,
+    Dur, List, RawCluster, RawConfig, RawCredential, RawGenesys, RawHandover, RawLimits, RawServer,
+    RawTls, RawTopics, RawUpstream, Value,
 };
 use super::*;
 use crate::front::origin::{canonical_host, canonical_origin};
@@ -97,6 +97,10 @@ impl Ctx<'_> {
         let credentials = self.credentials(raw.credentials)?;
         let handover = self.handover(raw.handover)?;
         let upstream = self.upstream(raw.upstream)?;
+        let cluster = match raw.cluster {
+            Some(cluster) => Some(self.cluster(cluster.into_inner(), &upstream)?),
+            None => None,
+        };
         let log = LogConfig {
             format: raw
                 .log
@@ -112,6 +116,7 @@ impl Ctx<'_> {
             credentials,
             handover,
             upstream,
+            cluster,
             log,
             topics,
             limits,
@@ -600,6 +605,92 @@ impl Ctx<'_> {
             ));
         }
         Ok(HandoverConfig { lead, overlap })
+    }
+
+    fn cluster(
+        &self,
+        raw: RawCluster,
+        upstream: &UpstreamConfig,
+    ) -> Result<ClusterConfig, ConfigError> {
+        let (url_at, text) = (Some(raw.redis_url.span()), raw.redis_url.get_ref().trim());
+        // The URL may hold a password: no message echoes it.
+        let parsed = url::Url::parse(text).map_err(|error| {
+            self.error(
+                "cluster.redis_url",
+                url_at.clone(),
+                format!("expected a redis://, rediss:// or redis+unix:// URL ({error})"),
+            )
+        })?;
+        let endpoint = match parsed.scheme() {
+            "redis" | "rediss" => {
+                let Some(host) = parsed.host_str() else {
+                    return Err(self.error(
+                        "cluster.redis_url",
+                        url_at,
+                        "expected a URL with a host, such as redis://redis:6379/0",
+                    ));
+                };
+                let port = parsed.port().unwrap_or(6379);
+                format!("{}://{host}:{port}{}", parsed.scheme(), parsed.path())
+            }
+            "redis+unix" | "unix" => {
+                if parsed.path().is_empty() || parsed.path() == "/" {
+                    return Err(self.error(
+                        "cluster.redis_url",
+                        url_at,
+                        "expected the socket's path, such as redis+unix:///run/redis.sock",
+                    ));
+                }
+                format!("redis+unix://{}", parsed.path())
+            }
+            scheme => {
+                return Err(self.error(
+                    "cluster.redis_url",
+                    url_at,
+                    format!(
+                        "expected a redis://, rediss:// or redis+unix:// URL, got scheme {scheme:?}"
+                    ),
+                ));
+            }
+        };
+        let key_prefix = raw
+            .key_prefix
+            .as_ref()
+            .map_or(DEFAULT_KEY_PREFIX, |p| p.get_ref().as_str())
+            .to_owned();
+        if key_prefix.is_empty()
+            || !key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(self.error(
+                "cluster.key_prefix",
+                span(&raw.key_prefix),
+                format!("expected [A-Za-z0-9._-]+, got {key_prefix:?}"),
+            ));
+        }
+        let local_share = raw
+            .local_share
+            .as_ref()
+            .map_or(DEFAULT_LOCAL_SHARE, |s| *s.get_ref());
+        if !(MIN_MAX_CHANNELS..=upstream.max_channels).contains(&local_share) {
+            return Err(self.error(
+                "cluster.local_share",
+                span(&raw.local_share),
+                format!(
+                    "must be between {MIN_MAX_CHANNELS} (a channel and the slot for its handover) and upstream.max_channels ({}), got {local_share}",
+                    upstream.max_channels
+                ),
+            ));
+        }
+        Ok(ClusterConfig {
+            redis_url: Secret::from(text),
+            endpoint,
+            password_file: raw.password_file.map(Spanned::into_inner),
+            ca_file: raw.ca_file.map(Spanned::into_inner),
+            key_prefix,
+            local_share,
+        })
     }
 
     fn upstream(&self, raw: Value<RawUpstream>) -> Result<UpstreamConfig, ConfigError> {

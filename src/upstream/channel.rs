@@ -27,10 +27,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Delivery;
 use super::pool::{Pool, Report, Spawner};
 use super::state::{ChannelKey, HandoverReason, Role};
 use super::sync::{Plan, Subscriptions, Verdict};
+use super::{Delivery, Leases};
 use crate::auth::{Token, TokenSource};
 use crate::backoff::Backoff;
 use crate::bounds;
@@ -54,12 +54,18 @@ const PACE_PER_SEC: f64 = 4.0;
 const KEEPALIVE_MIN: Duration = Duration::from_secs(1);
 /// How soon a failed idle-clock query is tried again.
 const KEEPALIVE_RETRY: Duration = Duration::from_secs(10);
+/// How often a channel asks again for a fleet lease while the fleet's budget is used
+/// up (doubling from the first to the second).
+const LEASE_RETRY_MIN: Duration = Duration::from_millis(100);
+const LEASE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// What every channel task shares.
 pub struct Parts {
     pub genesys: Arc<Genesys>,
     pub tokens: Arc<TokenSource>,
     pub delivery: Arc<dyn Delivery>,
+    /// The fleet's budget (or nothing to share, one process alone).
+    pub leases: Arc<dyn Leases>,
     pub config: Arc<ArcSwap<Config>>,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -74,6 +80,7 @@ impl Parts {
         genesys: Arc<Genesys>,
         tokens: Arc<TokenSource>,
         delivery: Arc<dyn Delivery>,
+        leases: Arc<dyn Leases>,
         config: Arc<ArcSwap<Config>>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
@@ -82,6 +89,7 @@ impl Parts {
             genesys,
             tokens,
             delivery,
+            leases,
             config,
             tasks,
             shutdown,
@@ -209,6 +217,7 @@ impl Drop for EndGuard {
                 if let Some(token) = token {
                     retire_token(&parts, &token).await;
                 }
+                parts.leases.give_back(key).await;
                 pool.gone(key);
             }));
         }
@@ -225,6 +234,7 @@ impl Task {
             armed: true,
         };
         if self.pool.acquire_slot(self.key).await
+            && self.lease().await
             && let Some(mut live) = self.establish(&mut guard).await
         {
             self.pool.report(self.key, Report::WentLive);
@@ -236,7 +246,32 @@ impl Task {
             live.finish(&self, ending).await;
         }
         guard.armed = false;
+        self.parts.leases.give_back(self.key).await;
         self.pool.gone(self.key);
+    }
+
+    /// Takes the fleet's lease for this channel, waiting while the fleet's budget is
+    /// used up. `false` if the channel is no longer wanted or the proxy shuts down.
+    async fn lease(&self) -> bool {
+        let mut wait = LEASE_RETRY_MIN;
+        loop {
+            let Some((assignment, wake)) = self.pool.assignment(self.key) else {
+                return false;
+            };
+            if assignment.retire.is_some() {
+                return false;
+            }
+            let successor = matches!(assignment.role, Role::Successor { .. });
+            if self.parts.leases.take(self.key, successor).await {
+                return true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => {}
+                _ = self.parts.shutdown.cancelled() => return false,
+            }
+            wait = (wait * 2).min(LEASE_RETRY_MAX);
+        }
     }
 
     /// Mints, creates and opens the channel, and subscribes the topics already
@@ -252,6 +287,9 @@ impl Task {
             }
             let token = parts.tokens.mint_until_success(&parts.shutdown).await?;
             guard.token = Some(token.clone());
+            let expires =
+                SystemTime::now() + token.expires_at.saturating_duration_since(Instant::now());
+            parts.leases.pin(self.key, expires).await;
             let failure = match self.open(&token).await {
                 Ok((channel, socket)) => {
                     let mut live = Live::new(token.clone(), channel, socket);

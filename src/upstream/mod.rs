@@ -10,7 +10,10 @@ pub mod sync;
 
 use std::time::SystemTime;
 
+use futures_util::future::BoxFuture;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use state::ChannelKey;
 
 /// Where upstream events go: the router, seen from below. The upstream side names
 /// no client-side type.
@@ -19,4 +22,36 @@ pub trait Delivery: Send + Sync {
     fn event(&self, topic: &str, correlation_id: Option<&str>, frame: &Utf8Bytes);
     /// Events on `topics` between `from` and `to` may have been lost.
     fn gap(&self, topics: &[String], from: SystemTime, to: SystemTime);
+}
+
+/// Budget slots shared with other replicas. A channel task holds a lease from before
+/// it creates its upstream channel until that channel is gone upstream; one process
+/// alone shares nothing ([`Unshared`]). The pool's own slots still apply within the
+/// process.
+pub trait Leases: Send + Sync {
+    /// Takes a lease for channel `key`; `successor`s (handovers) may use the slot kept
+    /// free for handovers. `false`: none is free now (ask again later).
+    fn take(&self, key: ChannelKey, successor: bool) -> BoxFuture<'_, bool>;
+    /// The channel is pinned to a token that expires at `until`: its lease lasts that
+    /// long at most (a replica that dies leaves its channels until their tokens expire).
+    fn pin(&self, key: ChannelKey, until: SystemTime) -> BoxFuture<'_, ()>;
+    /// The channel is gone upstream: its lease is free.
+    fn give_back(&self, key: ChannelKey) -> BoxFuture<'_, ()>;
+}
+
+/// One process alone: no lease to take.
+pub struct Unshared;
+
+impl Leases for Unshared {
+    fn take(&self, _: ChannelKey, _: bool) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(true))
+    }
+
+    fn pin(&self, _: ChannelKey, _: SystemTime) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    fn give_back(&self, _: ChannelKey) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }

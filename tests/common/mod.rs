@@ -279,6 +279,7 @@ pub mod certs;
 pub mod clients;
 pub mod hostile;
 pub mod proxy;
+pub mod redis_server;
 pub mod serve;
 
 /// The value of metric `name` at the admin listener `admin`, summed over the label

@@ -1,0 +1,183 @@
+//! The fleet's Redis: one reconnecting connection, the key layout, and whether Redis
+//! answers (with its metrics and one log line per change).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
+
+use crate::config::ClusterConfig;
+use crate::metrics::{Readings, Registry};
+
+/// How long a command may take before Redis counts as unreachable.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis could not be reached, or failed the command. (Redis' errors name no
+    /// password: the URL is never part of them.)
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    /// The file named by `cluster.password_file` or `cluster.ca_file` cannot be read.
+    #[error("cannot read {what} {path}: {error}")]
+    File {
+        what: &'static str,
+        path: String,
+        error: std::io::Error,
+    },
+}
+
+/// The names of the fleet's keys, all under `<key_prefix>:`.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: format!("{prefix}:"),
+        }
+    }
+
+    /// Channel slots: `<replica>/<channel>` → when the lease lapses (ms).
+    pub fn leases(&self) -> String {
+        format!("{}leases", self.prefix)
+    }
+
+    /// When this Redis started keeping the ledger (ms): absent after Redis lost it.
+    pub fn ledger(&self) -> String {
+        format!("{}ledger", self.prefix)
+    }
+}
+
+/// The connection to the fleet's Redis.
+pub struct Store {
+    connection: ConnectionManager,
+    pub keys: Keys,
+    up: AtomicBool,
+    errors: Counter,
+    calls: Counter,
+}
+
+impl Store {
+    /// Connects lazily: the first command connects, so a replica starts (and serves
+    /// within its local share) while Redis is down.
+    pub fn connect(config: &ClusterConfig) -> Result<Arc<Self>, StoreError> {
+        let mut info = config.redis_url.expose().into_connection_info()?;
+        if let Some(path) = &config.password_file {
+            let password =
+                zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|error| {
+                    StoreError::File {
+                        what: "cluster.password_file",
+                        path: path.display().to_string(),
+                        error,
+                    }
+                })?);
+            let settings = info.redis_settings().clone().set_password(password.trim());
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &config.ca_file {
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|error| StoreError::File {
+                    what: "cluster.ca_file",
+                    path: path.display().to_string(),
+                    error,
+                })?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )?
+            }
+            None => redis::Client::open(info)?,
+        };
+        let manager = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, manager)?;
+        Ok(Arc::new(Self {
+            connection,
+            keys: Keys::new(&config.key_prefix),
+            up: AtomicBool::new(true),
+            errors: Counter::default(),
+            calls: Counter::default(),
+        }))
+    }
+
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "cluster_redis_errors",
+            "Redis commands that failed (Redis unreachable, or an error answer).",
+            self.errors.clone(),
+        );
+        registry.register(
+            "cluster_redis_calls",
+            "Round trips to Redis (a script or a pipeline is one).",
+            self.calls.clone(),
+        );
+        let store = self.clone();
+        Readings::new()
+            .gauge(
+                "cluster_redis_up",
+                "1 while Redis answers; 0 while it does not (channels are then created only within cluster.local_share).",
+                move || i64::from(store.is_up()),
+            )
+            .register(registry);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Runs a script (`EVALSHA`, loading it when Redis lost it).
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.connection.clone();
+        let result = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::from);
+        self.observe(&result);
+        result
+    }
+
+    /// Runs a pipeline (one round trip).
+    pub async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
+        let mut connection = self.connection.clone();
+        let result = pipe
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::from);
+        self.observe(&result);
+        result
+    }
+
+    /// Notes a command's outcome: Redis failing (unreachable, or refusing the fleet's
+    /// commands), and answering again, are logged once each.
+    fn observe<T>(&self, result: &Result<T, StoreError>) {
+        self.calls.inc();
+        match result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::AcqRel) {
+                    tracing::info!("Redis answers again: channels take fleet leases again");
+                }
+            }
+            Err(error) => {
+                self.errors.inc();
+                if self.up.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(%error, "Redis fails: new upstream channels only within cluster.local_share until it answers");
+                }
+            }
+        }
+    }
+}
