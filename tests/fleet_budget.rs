@@ -7,12 +7,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::fleet::*;
 use common::proxy::*;
 use common::redis_server::RedisServer;
 use common::*;
 use handover::app::Proxy;
 use handover::mock::{ClientSpec, MockConfig, Settings};
-use serde_json::Value;
 use tokio::time::Instant;
 
 /// The OAuth client's channels at the fake (Genesys keeps 20; this test's fake 4), and
@@ -20,40 +20,9 @@ use tokio::time::Instant;
 const BUDGET: usize = 4;
 const TOKEN_TTL: Duration = Duration::from_secs(8);
 
-fn replica_config(fake: &str, secrets: &Secrets, redis: &RedisServer) -> handover::config::Config {
-    let extra = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\ndrain_spread = \"0s\"\n\
-         [upstream]\nmax_channels = {BUDGET}\nmax_topics_per_channel = 2\n\
-         [handover]\nlead = \"3s\"\noverlap = \"300ms\"\n\
-         [cluster]\nredis_url = \"{}\"\n",
-        redis.url()
-    );
-    proxy_config(fake, secrets, &[A], &extra)
-}
-
 async fn replica(fake: &str, secrets: &Secrets, redis: &RedisServer) -> (Proxy, Api, Api) {
-    start_proxy(replica_config(fake, secrets, redis)).await
-}
-
-/// A counter's value in a replica's `/metrics`.
-async fn counter(admin: &Api, name: &str) -> f64 {
-    let text = admin.get("/metrics").await.body;
-    text.as_str()
-        .expect("metrics text")
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The fake's count for `client-a`: (peak live channels, evictions).
-async fn fake_budget(fake: &Api) -> (u64, u64) {
-    let stats: Value = fake.get("/__mock/stats").await.body;
-    (
-        stats["clients"]["client-a"]["peak_channels"]
-            .as_u64()
-            .expect("peak"),
-        stats["counters"]["evictions"].as_u64().expect("evictions"),
-    )
+    let cluster = format!("redis_url = \"{}\"", redis.url());
+    start_proxy(replica_config(fake, secrets, BUDGET, &cluster)).await
 }
 
 #[tokio::test]
@@ -106,7 +75,8 @@ async fn replicas_share_one_budget_through_handovers_and_a_rollout_surge() {
     wait_for("the surge replica to be refused a lease", || {
         let admin = surge_admin.clone();
         async move {
-            (counter(&admin, "handover_cluster_lease_refusals_total").await >= 1.0).then_some(())
+            (metric(&admin, "handover_cluster_lease_refusals_total", &[]).await >= Some(1.0))
+                .then_some(())
         }
     })
     .await;
@@ -142,7 +112,11 @@ async fn replicas_share_one_budget_through_handovers_and_a_rollout_surge() {
     .await;
     assert_eq!((lost, duplicated), (0, 0));
 
-    let (peak, evictions) = fake_budget(&fake_api).await;
+    let ClientCount {
+        peak,
+        live,
+        evictions,
+    } = client_count(&fake_api).await;
     assert!(
         peak <= BUDGET as u64,
         "the fake saw {peak} channels of the client at once; the budget is {BUDGET}"
@@ -156,11 +130,8 @@ async fn replicas_share_one_budget_through_handovers_and_a_rollout_surge() {
         .query_async(&mut redis_connection)
         .await
         .unwrap();
-    let live = fake_api.get("/__mock/stats").await.body["clients"]["client-a"]["live_channels"]
-        .as_u64()
-        .unwrap() as usize;
     assert!(
-        leases >= live && leases <= BUDGET,
+        leases as u64 >= live && leases <= BUDGET,
         "{leases} leases for {live} live channels"
     );
     for proxy in replicas {

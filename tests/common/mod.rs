@@ -277,6 +277,7 @@ where
 
 pub mod certs;
 pub mod clients;
+pub mod fleet;
 pub mod hostile;
 pub mod proxy;
 pub mod redis_server;

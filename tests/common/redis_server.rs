@@ -12,14 +12,61 @@ use super::wait_for;
 pub struct RedisServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Arguments besides the unix socket (TLS).
+    extra: Vec<String>,
+    /// With TLS: `rediss://localhost:<port>`.
+    tls_url: Option<String>,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = RedisServer { child: None, dir };
+        let mut server = RedisServer {
+            child: None,
+            dir,
+            extra: Vec::new(),
+            tls_url: None,
+        };
         server.restart().await;
         server
+    }
+
+    /// A server that also listens with TLS on a free port, its certificate signed by
+    /// `ca` (clients are not asked for one).
+    pub async fn start_tls(ca: &super::certs::Ca) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, key) = super::certs::install(dir.path(), &ca.server());
+        let ca_file = ca.write(dir.path(), "ca.pem");
+        // Redis takes no port 0 for TLS: take a free one and hand it over.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let extra = vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-key-file".into(),
+            key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            ca_file.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        let mut server = RedisServer {
+            child: None,
+            dir,
+            extra,
+            tls_url: Some(format!("rediss://localhost:{port}")),
+        };
+        server.restart().await;
+        server
+    }
+
+    /// `rediss://localhost:<port>` of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> String {
+        self.tls_url.clone().expect("a TLS server")
     }
 
     fn socket(&self) -> PathBuf {
@@ -48,6 +95,7 @@ impl RedisServer {
             .arg(self.socket())
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
