@@ -1,0 +1,303 @@
+//! Several replicas as one proxy, on a real `redis-server` (`[cluster]`).
+//!
+//! - They share one OAuth client's channel budget: the fake Genesys Cloud (which
+//!   evicts the oldest channel of a client past its limit, as Genesys does) never sees
+//!   more channels than the budget, through token-expiry handovers on every replica at
+//!   once and a rollout's surge replica.
+//! - `redis-server` is killed mid-stream and started again empty, as a crash without
+//!   persistence would: connected desktops keep every event through it (handovers
+//!   included), a new channel waits within the local share until Redis is back, the
+//!   replicas put their leases back in the new Redis, and the fake never sees more
+//!   channels than the budget.
+//! - Redis over TLS, its certificate signed by a private CA.
+//!
+//! The tests run in parallel, each with its own Redis and fake.
+
+mod common;
+
+use std::time::Duration;
+
+use common::certs::Ca;
+use common::fleet::*;
+use common::proxy::*;
+use common::redis_server::RedisServer;
+use common::*;
+use handover::app::Proxy;
+use handover::mock::{ClientSpec, MockConfig, Settings};
+use tokio::time::Instant;
+
+/// The OAuth client's channels at the fake (Genesys keeps 20; these tests' fake fewer),
+/// and the fleet's `max_channels`.
+const SURGE_BUDGET: usize = 4;
+const TROUBLE_BUDGET: usize = 6;
+const TOKEN_TTL: Duration = Duration::from_secs(8);
+
+async fn fake_with_budget(budget: usize) -> (handover::mock::MockGenesys, Api) {
+    start(MockConfig {
+        clients: vec![ClientSpec::new("client-a", "secret-a", TOKEN_TTL)],
+        settings: Settings {
+            max_channels_per_client: budget,
+            ..Settings::default()
+        },
+        socket_base: None,
+    })
+    .await
+}
+
+async fn leases_in(redis: &RedisServer) -> usize {
+    let mut connection = redis.connection().await;
+    redis::cmd("ZCARD")
+        .arg("handover:leases")
+        .query_async(&mut connection)
+        .await
+        .expect("ZCARD")
+}
+
+async fn replica(fake: &str, secrets: &Secrets, redis: &RedisServer) -> (Proxy, Api, Api) {
+    let cluster = format!("redis_url = \"{}\"", redis.url());
+    start_proxy(replica_config(fake, secrets, SURGE_BUDGET, &cluster)).await
+}
+
+#[tokio::test]
+async fn replicas_share_one_budget_through_handovers_and_a_rollout_surge() {
+    let redis = RedisServer::start().await;
+    let (fake, fake_api) = fake_with_budget(SURGE_BUDGET).await;
+    let fake_url = fake.base_url();
+    let secrets = Secrets::new();
+    secrets.write("a", "secret-a");
+
+    // Three replicas, a desktop on each wanting a channel of its own: the fleet
+    // serves 3 channels, one less than the budget, which keeps a slot for handovers.
+    let mut replicas = Vec::new();
+    let mut desktops = Vec::new();
+    let mut watched = Vec::new();
+    for r in 0..3 {
+        let (proxy, client, _) = replica(&fake_url, &secrets, &redis).await;
+        let topics = topics(&format!("v2.fleet.r{r}"), 2);
+        desktops.push(desktop(&client, &topics).await);
+        watched.extend(topics);
+        replicas.push(proxy);
+    }
+
+    // Events throughout, across two token lifetimes: every channel of every replica
+    // hands over at about the same time, one spare slot for the whole fleet.
+    let events = 240;
+    let stream = start_stream(&fake_api, &watched, 12.0, events).await;
+
+    // The surge: a fourth replica comes up before an old one goes, and a desktop on it
+    // wants a channel the fleet has no room for. It waits for a lease...
+    wait_for("a first round of handovers", || {
+        let pool = replicas[0].pool.clone();
+        async move { (pool.handovers() >= 1).then_some(()) }
+    })
+    .await;
+    let (surge, surge_client, surge_admin) = replica(&fake_url, &secrets, &redis).await;
+    let surge_topics = topics("v2.fleet.surge", 2);
+    let waiting = tokio::spawn({
+        let (client, topics) = (surge_client.clone(), surge_topics.clone());
+        async move { desktop(&client, &topics).await }
+    });
+    wait_for("the surge replica to be refused a lease", || {
+        let admin = surge_admin.clone();
+        async move {
+            (metric(&admin, "handover_cluster_lease_refusals_total", &[]).await >= Some(1.0))
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        !waiting.is_finished(),
+        "the surge replica's channel waits for a lease while the fleet's budget is used"
+    );
+    // ...until an old replica drains and its channel is gone upstream.
+    let leaving = replicas.remove(0);
+    let leaving_desktop = desktops.remove(0);
+    leaving.stop().await;
+    drop(leaving_desktop);
+    let surge_desktop = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("the surge replica's desktop is served once the old replica is gone")
+        .expect("desktop task");
+
+    stream_done(&fake_api, stream, Instant::now() + Duration::from_secs(60)).await;
+    let (lost, duplicated, unexpected) =
+        settle(&desktops, &|d| d.expected(stream, &watched, events)).await;
+    assert_eq!(
+        (lost, duplicated, unexpected),
+        (0, 0, 0),
+        "the replicas that stayed lost nothing across their handovers"
+    );
+
+    // The surge replica's desktop receives too.
+    let late = start_stream(&fake_api, &surge_topics, 20.0, 20).await;
+    stream_done(&fake_api, late, Instant::now() + DEADLINE).await;
+    let (lost, duplicated, _) = settle(std::slice::from_ref(&surge_desktop), &|d| {
+        d.expected(late, &surge_topics, 20)
+    })
+    .await;
+    assert_eq!((lost, duplicated), (0, 0));
+
+    let ClientCount {
+        peak,
+        live,
+        evictions,
+    } = client_count(&fake_api).await;
+    assert!(
+        peak <= SURGE_BUDGET as u64,
+        "the fake saw {peak} channels of the client at once; the budget is {SURGE_BUDGET}"
+    );
+    assert_eq!(evictions, 0, "Genesys evicted nothing");
+
+    // The ledger in Redis holds one lease per live channel, no more.
+    let leases = leases_in(&redis).await;
+    assert!(
+        leases as u64 >= live && leases <= SURGE_BUDGET,
+        "{leases} leases for {live} live channels"
+    );
+    for proxy in replicas {
+        proxy.stop().await;
+    }
+    surge.stop().await;
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_empty_mid_stream_loses_no_event_and_no_lease() {
+    let mut redis = RedisServer::start().await;
+    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
+    let secrets = Secrets::new();
+    secrets.write("a", "secret-a");
+    let cluster = format!("redis_url = \"{}\"\nlocal_share = 2", redis.url());
+    let mut replicas = Vec::new();
+    let mut desktops = Vec::new();
+    let mut watched = Vec::new();
+    for r in 0..2 {
+        let (proxy, client, admin) = start_proxy(replica_config(
+            &fake.base_url(),
+            &secrets,
+            TROUBLE_BUDGET,
+            &cluster,
+        ))
+        .await;
+        let topics = topics(&format!("v2.redis.r{r}"), 2);
+        desktops.push(desktop(&client, &topics).await);
+        watched.extend(topics);
+        replicas.push((proxy, client, admin));
+    }
+    let events = 300;
+    let stream = start_stream(&fake_api, &watched, 15.0, events).await;
+
+    // Redis dies. Both replicas notice (their leases are asserted every second).
+    redis.stop().await;
+    for (_, _, admin) in &replicas {
+        wait_for("the replica to see Redis down", || {
+            let admin = admin.clone();
+            async move {
+                (metric(&admin, "handover_cluster_redis_up", &[]).await == Some(0.0)).then_some(())
+            }
+        })
+        .await;
+    }
+    // A new channel on a replica that already holds one is beyond its local share of
+    // 2 (one serving channel and the slot for its handover): it waits for Redis.
+    let late_topics = topics("v2.redis.late", 2);
+    let late = tokio::spawn({
+        let (client, topics) = (replicas[0].1.clone(), late_topics.clone());
+        async move { desktop(&client, &topics).await }
+    });
+    // Through at least one token-expiry handover on each replica (8 s tokens, 3 s
+    // lead) while Redis is down.
+    for (proxy, _, _) in &replicas {
+        wait_for("a handover while Redis is down", || {
+            let pool = proxy.pool.clone();
+            async move { (pool.handovers() >= 1).then_some(()) }
+        })
+        .await;
+    }
+    assert!(!late.is_finished(), "no new channel beyond the local share");
+    for (_, _, admin) in &replicas {
+        assert!(
+            metric(admin, "handover_cluster_leases_taken_locally_total", &[]).await >= Some(1.0),
+            "the successor took its lease on the local share"
+        );
+    }
+
+    // Redis comes back empty: the leases are put back, then the waiting channel
+    // takes one.
+    redis.restart().await;
+    let late_desktop = tokio::time::timeout(DEADLINE, late)
+        .await
+        .expect("the waiting channel is built once Redis is back")
+        .expect("desktop task");
+    stream_done(&fake_api, stream, Instant::now() + Duration::from_secs(60)).await;
+    let (lost, duplicated, unexpected) =
+        settle(&desktops, &|d| d.expected(stream, &watched, events)).await;
+    assert_eq!(
+        (lost, duplicated, unexpected),
+        (0, 0, 0),
+        "the desktops kept their live events through Redis' death and return"
+    );
+    let after = start_stream(&fake_api, &late_topics, 20.0, 20).await;
+    stream_done(&fake_api, after, Instant::now() + DEADLINE).await;
+    let (lost, duplicated, _) = settle(std::slice::from_ref(&late_desktop), &|d| {
+        d.expected(after, &late_topics, 20)
+    })
+    .await;
+    assert_eq!((lost, duplicated), (0, 0));
+
+    let count = client_count(&fake_api).await;
+    assert!(count.peak <= TROUBLE_BUDGET as u64, "peak {}", count.peak);
+    assert_eq!(count.evictions, 0);
+    // Every live channel has its lease in the new Redis.
+    let live = count.live as usize;
+    wait_for("every live channel's lease back in Redis", || {
+        let redis = &redis;
+        async move { (leases_in(redis).await >= live).then_some(()) }
+    })
+    .await;
+    for (proxy, _, _) in replicas {
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let ca = Ca::new("redis test CA");
+    let redis = RedisServer::start_tls(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path(), "redis-ca.pem");
+    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
+    let secrets = Secrets::new();
+    secrets.write("a", "secret-a");
+    let cluster = format!(
+        "redis_url = \"{}\"\nca_file = \"{}\"",
+        redis.tls_url(),
+        ca_file.display()
+    );
+    let (proxy, client, admin) = start_proxy(replica_config(
+        &fake.base_url(),
+        &secrets,
+        TROUBLE_BUDGET,
+        &cluster,
+    ))
+    .await;
+    let watched = topics("v2.rediss", 2);
+    let desktop = desktop(&client, &watched).await;
+    assert_eq!(
+        metric(&admin, "handover_cluster_leases_held", &[]).await,
+        Some(1.0),
+        "the channel's lease was taken over TLS"
+    );
+    assert_eq!(leases_in(&redis).await, 1);
+    assert_eq!(
+        metric(&admin, "handover_cluster_redis_up", &[]).await,
+        Some(1.0)
+    );
+    let stream = start_stream(&fake_api, &watched, 20.0, 20).await;
+    stream_done(&fake_api, stream, Instant::now() + DEADLINE).await;
+    let (lost, duplicated, _) = settle(std::slice::from_ref(&desktop), &|d| {
+        d.expected(stream, &watched, 20)
+    })
+    .await;
+    assert_eq!((lost, duplicated), (0, 0));
+    proxy.stop().await;
+}
