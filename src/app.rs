@@ -21,8 +21,7 @@ use crate::downstream::peers::Peers;
 use crate::downstream::sessions::Sessions;
 use crate::downstream::subscribe::Subscriptions;
 use crate::drain::Drain;
-use crate::fleet::leases::FleetLeases;
-use crate::fleet::store::Store;
+use crate::fleet::Fleet;
 use crate::genesys::{Genesys, UpstreamError};
 use crate::http_server::{self, Request};
 use crate::metrics::{self, Readings};
@@ -32,7 +31,7 @@ use crate::tls_server::ServerTls;
 use crate::upstream::channel::{self, Parts};
 use crate::upstream::pool::{self, Pool};
 use crate::upstream::state::ChannelView;
-use crate::upstream::{Leases, Unshared};
+use crate::upstream::{Delivery, Leases, Unshared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -131,26 +130,24 @@ impl Proxy {
             shutdown.clone(),
         );
         let fleet = match &config.load().cluster {
-            Some(cluster) => {
-                tracing::info!(
-                    redis = cluster.endpoint,
-                    "several replicas as one: the channel budget is shared in Redis"
-                );
-                let store = Store::connect(cluster)?;
-                let leases = FleetLeases::new(store.clone(), config.clone());
-                tasks.spawn(leases.clone().maintain(shutdown.clone()));
-                Some((store, leases))
-            }
+            Some(cluster) => Some(Fleet::start(
+                cluster,
+                config.clone(),
+                router.clone(),
+                dedup_window(&config.load()),
+                &tasks,
+                &shutdown,
+            )?),
             None => None,
         };
-        let leases: Arc<dyn Leases> = match &fleet {
-            Some((_, leases)) => leases.clone(),
-            None => Arc::new(Unshared),
+        let (delivery, leases): (Arc<dyn Delivery>, Arc<dyn Leases>) = match &fleet {
+            Some(fleet) => (fleet.bus.clone(), fleet.leases.clone()),
+            None => (router.clone(), Arc::new(Unshared)),
         };
         let parts = Parts::new(
             genesys.clone(),
             tokens.clone(),
-            router.clone(),
+            delivery,
             leases,
             config.clone(),
             tasks.clone(),
@@ -196,9 +193,8 @@ impl Proxy {
             router.register_metrics(ours);
             sessions.register_metrics(ours);
             peers.register_metrics(ours);
-            if let Some((store, leases)) = &fleet {
-                store.register_metrics(ours);
-                leases.register_metrics(ours);
+            if let Some(fleet) = &fleet {
+                fleet.register_metrics(ours);
             }
             admin_refusals.register(
                 ours,

@@ -301,3 +301,60 @@ async fn rediss_with_a_private_ca() {
     assert_eq!((lost, duplicated), (0, 0));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_once() {
+    let redis = RedisServer::start().await;
+    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
+    let secrets = Secrets::new();
+    secrets.write("a", "secret-a");
+    let cluster = format!("redis_url = \"{}\"", redis.url());
+    let watched = topics("v2.bus", 2);
+    let mut replicas = Vec::new();
+    let mut desktops = Vec::new();
+    for _ in 0..2 {
+        let (proxy, client, admin) = start_proxy(replica_config(
+            &fake.base_url(),
+            &secrets,
+            TROUBLE_BUDGET,
+            &cluster,
+        ))
+        .await;
+        desktops.push(desktop(&client, &watched).await);
+        replicas.push((proxy, admin));
+    }
+    let events = 120;
+    let stream = start_stream(&fake_api, &watched, 30.0, events).await;
+    stream_done(&fake_api, stream, Instant::now() + DEADLINE).await;
+    let (lost, duplicated, unexpected) =
+        settle(&desktops, &|d| d.expected(stream, &watched, events)).await;
+    assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
+
+    // Both replicas carried the topics; each event entered the stream once.
+    let mut connection = redis.connection().await;
+    let entries: u64 = redis::cmd("XLEN")
+        .arg("handover:events")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(entries, events);
+    let mut published = 0.0;
+    for (_, admin) in &replicas {
+        published += metric(admin, "handover_cluster_events_published_total", &[])
+            .await
+            .unwrap_or(0.0);
+        assert_eq!(
+            metric(
+                admin,
+                "handover_cluster_events_delivered_directly_total",
+                &[]
+            )
+            .await,
+            Some(0.0)
+        );
+    }
+    assert_eq!(published, events as f64);
+    for (proxy, _) in replicas {
+        proxy.stop().await;
+    }
+}

@@ -62,6 +62,10 @@ pub const GENESYS_CHANNELS_PER_CLIENT: usize = 20;
 pub const DEFAULT_KEY_PREFIX: &str = "handover";
 /// Default of `cluster.local_share`: one serving channel and the slot for its handover.
 pub const DEFAULT_LOCAL_SHARE: usize = 2;
+/// Default of `cluster.history_max_len`.
+pub const DEFAULT_HISTORY_MAX_LEN: usize = 100_000;
+/// Lower bound of `cluster.history_max_len`.
+pub const MIN_HISTORY_MAX_LEN: usize = 1000;
 /// Default of `upstream.idle_channel_timeout`.
 pub const DEFAULT_IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default and upper bound of `upstream.max_topics_per_channel` (Genesys' limit).
@@ -255,6 +259,9 @@ pub struct ClusterConfig {
     /// The upstream channels this replica may create while Redis is unreachable (it
     /// cannot take leases then); in `2..=upstream.max_channels`.
     pub local_share: usize,
+    /// The fleet's event stream keeps about this many of the latest events (the
+    /// older are trimmed as new ones come); at least 1000.
+    pub history_max_len: usize,
 }
 
 /// `[log]`.

@@ -111,6 +111,7 @@ pub(super) struct RawCluster {
     pub ca_file: Value<PathBuf>,
     pub key_prefix: Value<String>,
     pub local_share: Value<usize>,
+    pub history_max_len: Value<usize>,
 }
 
 #[derive(Deserialize)]

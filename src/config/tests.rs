@@ -778,6 +778,7 @@ fn cluster_is_optional_and_parses_every_scheme() {
         assert_eq!(cluster.redis_url.expose(), url);
         assert_eq!(cluster.key_prefix, "handover");
         assert_eq!(cluster.local_share, 2);
+        assert_eq!(cluster.history_max_len, 100_000);
         // The URL's password shows nowhere.
         let debug = format!("{cluster:?}");
         assert!(

@@ -683,6 +683,17 @@ impl Ctx<'_> {
                 ),
             ));
         }
+        let history_max_len = raw
+            .history_max_len
+            .as_ref()
+            .map_or(DEFAULT_HISTORY_MAX_LEN, |l| *l.get_ref());
+        if history_max_len < MIN_HISTORY_MAX_LEN {
+            return Err(self.error(
+                "cluster.history_max_len",
+                span(&raw.history_max_len),
+                format!("must be at least {MIN_HISTORY_MAX_LEN}, got {history_max_len}"),
+            ));
+        }
         Ok(ClusterConfig {
             redis_url: Secret::from(text),
             endpoint,
@@ -690,6 +701,7 @@ impl Ctx<'_> {
             ca_file: raw.ca_file.map(Spanned::into_inner),
             key_prefix,
             local_share,
+            history_max_len,
         })
     }
 

@@ -1,5 +1,6 @@
-//! Several replicas as one proxy, on Redis (`[cluster]`): for now, one channel budget
-//! for the fleet.
+//! Several replicas as one proxy, on Redis (`[cluster]`): one channel budget for the
+//! fleet ([`leases`]), and one stream of events that every replica delivers from
+//! ([`bus`]).
 //!
 //! The OAuth client's channels are counted at Genesys across every token and every
 //! process, and the 21st evicts the oldest. Each replica's pool keeps its own budget;
@@ -12,10 +13,62 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `leases` | sorted set | `<replica>/<channel>` → when the lease lapses (ms, Redis' clock): the build's deadline, then the channel's token expiry |
+//! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; about `history_max_len` kept |
+//! | `seen:<topic>\|<CorrelationId>` | string | an event's claim, expiring after the dedup window |
 //! | `ledger` | string | when this Redis started keeping the leases (ms); its absence means Redis lost them |
 //!
 //! Leases lapse by themselves: a replica that dies leaves its channels alive at
 //! Genesys until their tokens expire, and its leases until the same moment.
 
+pub mod bus;
 pub mod leases;
 pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ClusterConfig, Config};
+use crate::metrics::Registry;
+use crate::router::Router;
+
+/// The fleet's parts in one replica, running.
+pub struct Fleet {
+    pub store: Arc<store::Store>,
+    pub leases: Arc<leases::FleetLeases>,
+    pub bus: Arc<bus::Bus>,
+}
+
+impl Fleet {
+    /// Connects (lazily) and starts the leases' upkeep and the bus' writer and reader,
+    /// until `shutdown`. `dedup_window`: how long an event's second copy may trail it.
+    pub fn start(
+        cluster: &ClusterConfig,
+        config: Arc<ArcSwap<Config>>,
+        router: Arc<Router>,
+        dedup_window: Duration,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, store::StoreError> {
+        tracing::info!(
+            redis = cluster.endpoint,
+            "several replicas as one: the channel budget and the events go through Redis"
+        );
+        let store = store::Store::connect(cluster)?;
+        let leases = leases::FleetLeases::new(store.clone(), config);
+        tasks.spawn(leases.clone().maintain(shutdown.clone()));
+        let bus = bus::Bus::new(store.clone(), router, cluster.history_max_len);
+        tasks.spawn(bus.clone().write(dedup_window, shutdown.clone()));
+        tasks.spawn(bus.clone().read(shutdown.clone()));
+        Ok(Self { store, leases, bus })
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.store.register_metrics(registry);
+        self.leases.register_metrics(registry);
+        self.bus.register_metrics(registry);
+    }
+}

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{FromRedisValue, IntoConnectionInfo, RedisError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, RedisError};
 
 use crate::config::ClusterConfig;
 use crate::metrics::{Readings, Registry};
@@ -48,6 +48,17 @@ impl Keys {
         format!("{}leases", self.prefix)
     }
 
+    /// The event stream: `t` topic, `c` CorrelationId (or empty), `f` the frame.
+    pub fn events(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    /// Dedup keys, `<prefix>seen:<topic>|<CorrelationId>`, expiring after the dedup
+    /// window.
+    pub fn seen_prefix(&self) -> String {
+        format!("{}seen:", self.prefix)
+    }
+
     /// When this Redis started keeping the ledger (ms): absent after Redis lost it.
     pub fn ledger(&self) -> String {
         format!("{}ledger", self.prefix)
@@ -57,6 +68,9 @@ impl Keys {
 /// The connection to the fleet's Redis.
 pub struct Store {
     connection: ConnectionManager,
+    /// For the connections of blocking reads (they would hold up every command
+    /// behind them on the shared one).
+    client: redis::Client,
     pub keys: Keys,
     up: AtomicBool,
     errors: Counter,
@@ -102,9 +116,10 @@ impl Store {
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, manager)?;
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager)?;
         Ok(Arc::new(Self {
             connection,
+            client,
             keys: Keys::new(&config.key_prefix),
             up: AtomicBool::new(true),
             errors: Counter::default(),
@@ -147,6 +162,25 @@ impl Store {
             .invoke_async(&mut connection)
             .await
             .map_err(StoreError::from);
+        self.observe(&result);
+        result
+    }
+
+    /// A connection of its own for blocking reads of up to `block`.
+    pub async fn reader(&self, block: Duration) -> Result<MultiplexedConnection, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(block + RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT));
+        let connected = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(StoreError::from);
+        self.observed(connected)
+    }
+
+    /// Notes the outcome of a command run on a connection of its own.
+    pub fn observed<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         self.observe(&result);
         result
     }
