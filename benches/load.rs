@@ -167,7 +167,7 @@ async fn run() -> anyhow::Result<()> {
         token: Some(token.clone()),
         socket_host: Some(fake.addr()),
     };
-    paths.push(relay("direct", &args, &fake, &http, direct, Vec::new()).await?);
+    paths.push(relay("direct", &args, &fake, &http, vec![direct], Vec::new()).await?);
     let pids = proxy
         .as_ref()
         .map(|p| p.process.pid)
@@ -180,11 +180,23 @@ async fn run() -> anyhow::Result<()> {
             &args,
             &fake,
             &http,
-            Route::proxy(&proxy_url),
+            vec![Route::proxy(&proxy_url)],
             pids,
         )
         .await?,
     );
+    if args.proxy.is_none() {
+        match cluster(&args, &fake, &http).await? {
+            Some((path, note)) => {
+                paths.push(path);
+                notes.push(note);
+            }
+            None => notes.push(
+                "redis-server is not installed (apt-get install redis-server): the cluster path was skipped"
+                    .into(),
+            ),
+        }
+    }
     if let Some(nginx) = &nginx {
         let route = Route {
             api: fake.url.clone(),
@@ -192,7 +204,7 @@ async fn run() -> anyhow::Result<()> {
             socket_host: Some(nginx.addr.to_string()),
         };
         let pids = system::with_children(nginx.process.pid);
-        paths.push(relay("nginx", &args, &fake, &http, route, pids).await?);
+        paths.push(relay("nginx", &args, &fake, &http, vec![route], pids).await?);
     }
     drop(proxy);
 
@@ -384,7 +396,7 @@ async fn relay(
     args: &Args,
     fake: &Fake,
     http: &reqwest::Client,
-    route: Route,
+    routes: Vec<Route>,
     pids: Vec<u32>,
 ) -> anyhow::Result<PathResult> {
     let topics = args.topics(name);
@@ -398,7 +410,9 @@ async fn relay(
         start,
         recording: Recording::Full,
     };
-    let clients = ClientSet::open(http, &route, plan, &progress).await?;
+    let clients = ClientSet::open(http, &routes, plan, &progress)
+        .await
+        .with_context(|| format!("[{name}] opening {} clients", args.clients))?;
     let cpu_before = cpu(&pids);
     let expected = count * args.clients as u64 / args.topics as u64;
     let seconds = drive(
@@ -434,6 +448,39 @@ async fn relay(
     })
 }
 
+/// The relay workload on two replicas of one fleet sharing a `redis-server`, each
+/// topic's clients on both (so both carry every topic, and every event enters Redis
+/// once): CPU counts both replicas and Redis. `None` without `redis-server`.
+async fn cluster(
+    args: &Args,
+    fake: &Fake,
+    http: &reqwest::Client,
+) -> anyhow::Result<Option<(PathResult, String)>> {
+    let Some(redis) = paths::Redis::spawn().await? else {
+        return Ok(None);
+    };
+    let extra = format!("[cluster]\nredis_url = \"{}\"\n", redis.url);
+    let replicas = [
+        ProxyProcess::spawn(fake, &extra).await?,
+        ProxyProcess::spawn(fake, &extra).await?,
+    ];
+    let routes = replicas
+        .iter()
+        .map(|r| Route::proxy(&r.client_url))
+        .collect();
+    let mut pids: Vec<u32> = replicas.iter().map(|r| r.process.pid).collect();
+    pids.push(redis.process.pid);
+    let commands_before = redis.commands_processed().await?;
+    let path = relay("cluster", args, fake, http, routes, pids).await?;
+    let commands = redis.commands_processed().await? - commands_before;
+    let events = args.events();
+    let note = format!(
+        "cluster: 2 replicas and redis-server; Redis ran {commands} commands for {events} events ({:.3} per event, leases and reads included)",
+        commands as f64 / events as f64
+    );
+    Ok(Some((path, note)))
+}
+
 async fn idle_memory(
     fake: &Fake,
     http: &reqwest::Client,
@@ -450,12 +497,14 @@ async fn idle_memory(
         start: Instant::now(),
         recording: Recording::CountOnly,
     };
-    let first = ClientSet::open(http, &route, idle(1), &|_| {}).await?;
+    let first = ClientSet::open(http, std::slice::from_ref(&route), idle(1), &|_| {}).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = system::rss_bytes(proxy.process.pid);
     let label = format!("[idle {clients}]");
     let progress = |n: usize| status(&format!("{label} connecting {n}/{clients}"));
-    let set = ClientSet::open(http, &route, idle(clients), &progress).await?;
+    let set = ClientSet::open(http, std::slice::from_ref(&route), idle(clients), &progress)
+        .await
+        .with_context(|| format!("[idle] opening {clients} clients"))?;
     // Let allocations settle (heartbeats are 30 s apart: nothing else happens).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = system::rss_bytes(proxy.process.pid);
@@ -490,7 +539,7 @@ async fn fan_out(
         start: Instant::now(),
         recording: Recording::CountOnly,
     };
-    let set = ClientSet::open(http, &Route::proxy(&api), plan, &progress).await?;
+    let set = ClientSet::open(http, &[Route::proxy(&api)], plan, &progress).await?;
     // Offer more than the target (200k deliveries/s) so that the figure is what the
     // proxy achieves, not what was offered.
     let (rate, seconds) = (args.fanout_rate, if args.quick { 4.0 } else { 10.0 });
@@ -545,7 +594,7 @@ async fn rotation(args: &Args, http: &reqwest::Client) -> anyhow::Result<Rotatio
         start,
         recording: Recording::Full,
     };
-    let set = ClientSet::open(http, &Route::proxy(&proxy.client_url), plan, &progress).await?;
+    let set = ClientSet::open(http, &[Route::proxy(&proxy.client_url)], plan, &progress).await?;
     let expected = count * args.clients as u64 / args.topics as u64;
     drive(
         "rotation",

@@ -117,9 +117,11 @@ pub struct Plan<'a> {
 }
 
 impl ClientSet {
+    /// Opens the plan's clients, spread over `routes` so that each topic's clients
+    /// are on every route (several replicas of one fleet each carry every topic).
     pub async fn open(
         http: &reqwest::Client,
-        route: &Route,
+        routes: &[Route],
         plan: Plan<'_>,
         progress: &dyn Fn(usize),
     ) -> anyhow::Result<ClientSet> {
@@ -137,7 +139,8 @@ impl ClientSet {
         let mut opening = Vec::new();
         for i in 0..count {
             let topic = topics[i % topics.len()].clone();
-            let (http, route, gate) = (http.clone(), route.clone(), gate.clone());
+            let route = routes[(i / topics.len()) % routes.len()].clone();
+            let (http, gate) = (http.clone(), gate.clone());
             opening.push(tokio::spawn(async move {
                 let _permit = gate.acquire_owned().await?;
                 connect(&http, &route, &topic).await

@@ -97,7 +97,9 @@ impl ProxyProcess {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                // Above the default cap of 10,000 connections: the idle-memory phase
+                // holds 10,000 sockets besides its REST connections.
+                "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 15000\n[admin]\nlisten = \"127.0.0.1:0\"\n\
                  [genesys]\nlogin_url = \"{url}\"\napi_url = \"{url}\"\n\
                  [[credentials]]\nname = \"bench\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{SECRET}\"\n{extra_toml}",
                 url = fake.url
@@ -155,6 +157,67 @@ impl ProxyProcess {
                 _dir: dir,
             },
         })
+    }
+}
+
+/// Debian's `redis-server` on a unix socket in a temp dir, without persistence, for
+/// the cluster path.
+pub struct Redis {
+    pub process: Process,
+    pub url: String,
+}
+
+impl Redis {
+    /// `None` when `redis-server` is not installed.
+    pub async fn spawn() -> anyhow::Result<Option<Redis>> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("redis.sock");
+        let child = match Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let pid = child.id().context("no pid")?;
+        let redis = Redis {
+            url: format!("redis+unix://{}", socket.display()),
+            process: Process {
+                _child: child,
+                pid,
+                _dir: dir,
+            },
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while redis.commands_processed().await.is_err() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Some(redis))
+    }
+
+    /// `total_commands_processed` from `INFO stats`.
+    pub async fn commands_processed(&self) -> anyhow::Result<u64> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut connection)
+            .await?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .context("no total_commands_processed in INFO")
     }
 }
 
