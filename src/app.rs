@@ -180,7 +180,15 @@ impl Proxy {
             peers: peers.clone(),
             subscriptions,
             available: Arc::new(AvailableTopics::new(genesys.clone(), tokens.clone())),
+            directory: fleet.as_ref().map(|fleet| fleet.directory.clone()),
         });
+        if let Some(fleet) = &fleet {
+            tasks.spawn(crate::downstream::keep_listed(
+                sessions.clone(),
+                fleet.directory.clone(),
+                shutdown.clone(),
+            ));
+        }
         let admin_refusals = metrics::ByReason::default();
         // Every part registers its own metrics.
         let mut registry = metrics::registry();

@@ -80,6 +80,13 @@ impl Outbox {
         }
     }
 
+    /// Frames for this session may have been missed since `since` (elsewhere): its
+    /// next socket hears of the gap.
+    pub fn missed_from(&self, since: SystemTime) {
+        let mut missed = self.missed_since.lock().unwrap_or_else(|p| p.into_inner());
+        *missed = Some(missed.map_or(since, |m| m.min(since)));
+    }
+
     fn missed(&self) {
         self.missed_since
             .lock()

@@ -24,6 +24,7 @@ use common::redis_server::RedisServer;
 use common::*;
 use handover::app::Proxy;
 use handover::mock::{ClientSpec, MockConfig, Settings};
+use serde_json::{Value, json};
 use tokio::time::Instant;
 
 /// The OAuth client's channels at the fake (Genesys keeps 20; these tests' fake fewer),
@@ -357,4 +358,90 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
     for (proxy, _) in replicas {
         proxy.stop().await;
     }
+}
+
+#[tokio::test]
+async fn a_desktop_moved_to_another_replica_keeps_its_channel_and_hears_of_the_gap() {
+    let redis = RedisServer::start().await;
+    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
+    let secrets = Secrets::new();
+    secrets.write("a", "secret-a");
+    let cluster = format!("redis_url = \"{}\"", redis.url());
+    let config = || replica_config(&fake.base_url(), &secrets, TROUBLE_BUDGET, &cluster);
+    let (leaving, leaving_client, _) = start_proxy(config()).await;
+    let (staying, staying_client, _) = start_proxy(config()).await;
+
+    // The desktop makes its channel on one replica, as the SDK does.
+    let created = leaving_client.post("/api/v2/notifications/channels").await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let watched = topics("v2.moved", 2);
+    let body: Vec<Value> = watched.iter().map(|t| json!({ "id": t })).collect();
+    let reply = leaving_client
+        .send(
+            leaving_client
+                .http
+                .put(format!(
+                    "{}/api/v2/notifications/channels/{id}/subscriptions",
+                    leaving_client.base
+                ))
+                .json(&body),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut socket = connect(created.body["connectUri"].as_str().unwrap()).await;
+    fake_api.publish(&watched[0]).await;
+    match next_non_heartbeat(&mut socket).await {
+        Next::Text(frame) if frame["topicName"] == watched[0] => {}
+        other => panic!("expected the first event, got {other:?}"),
+    }
+
+    // Its replica drains (a rollout): the desktop is told to reconnect...
+    let stopping = tokio::spawn(leaving.stop());
+    let (code, _) = until_closed(&mut socket).await;
+    assert_eq!(code, Some(1012));
+    let away_since = std::time::SystemTime::now();
+    stopping.await.unwrap();
+
+    // ...and does, with the same channel id, to the replica the balancer picks.
+    let uri = format!(
+        "ws://{}/channels/{id}",
+        staying_client.base.trim_start_matches("http://")
+    );
+    let mut moved = connect(&uri).await;
+    match next_non_heartbeat(&mut moved).await {
+        Next::Text(frame) if frame["topicName"] == "handover.gap" => {
+            let from =
+                humantime::parse_rfc3339(frame["eventBody"]["from"].as_str().unwrap()).unwrap();
+            assert!(
+                from <= away_since,
+                "the gap starts when a socket last held the channel: {frame}"
+            );
+            let mut named: Vec<String> =
+                serde_json::from_value(frame["eventBody"]["topics"].clone()).unwrap();
+            named.sort();
+            assert_eq!(named, watched);
+        }
+        other => panic!("expected a gap notice first, got {other:?}"),
+    }
+    fake_api.publish(&watched[1]).await;
+    match next_non_heartbeat(&mut moved).await {
+        Next::Text(frame) if frame["topicName"] == watched[1] => {}
+        other => panic!("expected the event through the other replica, got {other:?}"),
+    }
+    // The other replica answers its REST calls, and still 404 for unknown channels.
+    let listed = staying_client
+        .get(&format!(
+            "/api/v2/notifications/channels/{id}/subscriptions"
+        ))
+        .await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.body["entities"].as_array().unwrap().len(), 2);
+    let unknown = staying_client
+        .send(staying_client.http.head(format!(
+            "{}/api/v2/notifications/channels/nosuchchannel",
+            staying_client.base
+        )))
+        .await;
+    assert_eq!(unknown.status, 404);
+    staying.stop().await;
 }

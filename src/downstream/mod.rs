@@ -40,6 +40,11 @@ use crate::ws;
 use available::AvailableTopics;
 use error::ClientError;
 use gate::Admission;
+
+use crate::fleet::directory::Directory;
+
+/// How often the directory hears which channels have a socket.
+const LISTING_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 use peers::{Peers, SocketSlot};
 use sessions::{Change, ClientChannel, Sessions};
 use socket::ClientSocket;
@@ -67,6 +72,9 @@ pub struct Downstream {
     pub peers: Arc<Peers>,
     pub subscriptions: Arc<Subscriptions>,
     pub available: Arc<AvailableTopics>,
+    /// With `[cluster]`: the fleet's client channels, so that a desktop moved from
+    /// another replica keeps its channel.
+    pub directory: Option<Arc<Directory>>,
 }
 
 impl Downstream {
@@ -107,7 +115,7 @@ impl Downstream {
         let method = req.method().clone();
         match segments.as_slice() {
             ["api", "v2", "notifications", "channels"] => match method {
-                Method::POST => self.create_channel(peer, config),
+                Method::POST => self.create_channel(peer, config).await,
                 // Genesys lists the caller's own channels; an anonymous caller has none.
                 Method::GET => Ok(json(StatusCode::OK, &json!({ "entities": [] }))),
                 _ => Err(method_not_allowed(&method)),
@@ -121,7 +129,7 @@ impl Downstream {
             }
             ["api", "v2", "notifications", "channels", id] => match method {
                 Method::HEAD => {
-                    let status = if self.sessions.get(id).is_some() {
+                    let status = if self.channel(id, peer, config).await.is_ok() {
                         StatusCode::OK
                     } else {
                         StatusCode::NOT_FOUND
@@ -143,11 +151,13 @@ impl Downstream {
                 id,
                 "subscriptions",
             ] => {
-                let channel = self.channel(id)?;
-                self.subscriptions(req, peer, config, &channel).await
+                let channel = self.channel(id, peer, config).await?;
+                let answer = self.subscriptions(req, peer, config, &channel).await?;
+                self.list(&channel).await;
+                Ok(answer)
             }
             ["channels", id] if method == Method::GET => {
-                let channel = self.channel(id)?;
+                let channel = self.channel(id, peer, config).await?;
                 let slot = self.peers.open_socket(peer, &config.limits)?;
                 self.open_socket(&mut req, channel, peer, slot, config, false)
             }
@@ -156,10 +166,73 @@ impl Downstream {
         }
     }
 
-    fn channel(&self, id: &str) -> Result<Arc<ClientChannel>, ClientError> {
-        self.sessions
-            .get(id)
-            .ok_or_else(|| ClientError::not_found(format!("Channel {id} not found")))
+    /// Client channel `id`: this replica's, or (with `[cluster]`) one the fleet's
+    /// directory lists, taken over for `peer`: its topics subscribed here, and its
+    /// next socket told of the gap since a socket last held it.
+    async fn channel(
+        &self,
+        id: &str,
+        peer: IpAddr,
+        config: &Config,
+    ) -> Result<Arc<ClientChannel>, ClientError> {
+        if let Some(channel) = self.sessions.get(id) {
+            return Ok(channel);
+        }
+        let not_found = || ClientError::not_found(format!("Channel {id} not found"));
+        let directory = self.directory.as_ref().ok_or_else(not_found)?;
+        let listing = match directory.find(id).await {
+            Ok(Some(listing)) => listing,
+            Ok(None) => return Err(not_found()),
+            Err(_) => {
+                return Err(ClientError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service.unavailable",
+                    "This channel is not on this proxy, and the fleet's directory cannot be reached: retry shortly",
+                ));
+            }
+        };
+        let Some(channel) = self.peers.take_over_channel(
+            id,
+            peer,
+            &self.sessions,
+            &config.limits,
+            config.server.client_idle,
+        )?
+        else {
+            // Another request took it over meanwhile.
+            return self.sessions.get(id).ok_or_else(not_found);
+        };
+        channel.outbox.missed_from(listing.seen);
+        let mut owner = CloseOnDrop {
+            sessions: self.sessions.clone(),
+            tasks: self.tasks.clone(),
+            id: Some(channel.id.clone()),
+        };
+        if !listing.topics.is_empty() {
+            let topics = listing.topics.into_iter().collect();
+            self.subscriptions
+                .change(peer, &channel, Change::Replace(topics), true)
+                .await?;
+        }
+        owner.id = None;
+        tracing::info!(
+            target: AUDIT,
+            %peer,
+            session = channel.session,
+            topics = channel.topics().len(),
+            "client channel taken over from another replica"
+        );
+        Ok(channel)
+    }
+
+    /// Lists `channel` (its topics now) in the fleet's directory, if there is one. A
+    /// Redis that fails only costs a desktop moved elsewhere its channel.
+    async fn list(&self, channel: &ClientChannel) {
+        if let Some(directory) = &self.directory
+            && let Err(error) = directory.list(&channel.id, &channel.topics()).await
+        {
+            tracing::debug!(%error, "client channel not listed in the fleet's directory");
+        }
     }
 
     /// The base of every `connectUri` (`ws://host:port` or `wss://`, no trailing
@@ -176,13 +249,14 @@ impl Downstream {
     }
 
     /// `POST /api/v2/notifications/channels` (any body, including the SDK's `null`).
-    fn create_channel(&self, peer: IpAddr, config: &Config) -> Result<Response, ClientError> {
+    async fn create_channel(&self, peer: IpAddr, config: &Config) -> Result<Response, ClientError> {
         let channel = self.peers.create_channel(
             peer,
             &self.sessions,
             &config.limits,
             config.server.client_idle,
         )?;
+        self.list(&channel).await;
         Ok(json(
             StatusCode::OK,
             &json!({
@@ -315,13 +389,23 @@ impl Downstream {
             drain: self.drain.clone(),
         };
         let sessions = self.sessions.clone();
+        let directory = self.directory.clone().filter(|_| !ephemeral);
         // The 101 must be written within the header read timeout too: a peer that
         // does not read it does not hold a socket slot.
         let handshake = config.server.header_read_timeout;
         self.tasks.spawn(async move {
             let _slot = slot;
             match tokio::time::timeout(handshake, pending.open()).await {
-                Ok(Ok(socket)) => client.serve(socket, generation, outbox).await,
+                Ok(Ok(socket)) => {
+                    let served_until = client.serve(socket, generation, outbox).await;
+                    // Where the desktop reconnects (another replica, after a drain),
+                    // the gap it hears of starts here.
+                    if let Some(directory) = directory {
+                        let _ = directory
+                            .seen(std::slice::from_ref(&channel.id), served_until)
+                            .await;
+                    }
+                }
                 _ => channel.outbox.detach(generation),
             }
             if ephemeral {
@@ -329,6 +413,29 @@ impl Downstream {
             }
         });
         Ok(response)
+    }
+}
+
+/// Keeps the directory's listings of this replica's channels with a socket fresh
+/// (every second) until `shutdown`: a listing lapses `client_idle` after its last
+/// socket, as the channel does.
+pub async fn keep_listed(
+    sessions: Arc<Sessions>,
+    directory: Arc<Directory>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LISTING_REFRESH) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        // A frame routed just before this may still be on its way to the socket:
+        // the listing says a refresh earlier, so that a gap told from it is wide
+        // enough (a socket's end says exactly).
+        let served_until = std::time::SystemTime::now() - LISTING_REFRESH;
+        let _ = directory
+            .seen(&sessions.connected_ids(), served_until)
+            .await;
     }
 }
 

@@ -107,6 +107,33 @@ impl Peers {
         Ok(channel)
     }
 
+    /// Takes over channel `id` from another replica for `peer`, unless it holds as
+    /// many as it may; `None` if it is here already.
+    pub fn take_over_channel(
+        &self,
+        id: &str,
+        peer: IpAddr,
+        sessions: &Sessions,
+        limits: &PeerLimits,
+        client_idle: std::time::Duration,
+    ) -> Result<Option<Arc<ClientChannel>>, ClientError> {
+        let mut book = self.book();
+        book.sweep(sessions);
+        let entry = book.entries.entry(limit_key(peer)).or_default();
+        entry.prune(sessions);
+        if sessions.get(id).is_some() {
+            return Ok(None);
+        }
+        if !limits.exempts(peer) {
+            limits
+                .admit_channel(entry.channels.len(), client_idle)
+                .map_err(|refusal| self.refused(refusal))?;
+        }
+        let channel = sessions.take_over(id, peer);
+        entry.channels.push(channel.clone());
+        Ok(Some(channel))
+    }
+
     /// Takes one of `peer`'s socket slots for as long as the returned guard lives.
     pub fn open_socket(
         self: &Arc<Self>,

@@ -170,8 +170,18 @@ impl Sessions {
     }
 
     pub fn create(&self, peer: IpAddr) -> Arc<ClientChannel> {
+        self.insert(new_channel_id(), peer)
+    }
+
+    /// Channel `id` from another replica, for `peer` (the caller checked that it is
+    /// not here, under the peers' book lock).
+    pub fn take_over(&self, id: &str, peer: IpAddr) -> Arc<ClientChannel> {
+        self.insert(id.to_owned(), peer)
+    }
+
+    fn insert(&self, id: String, peer: IpAddr) -> Arc<ClientChannel> {
         let channel = Arc::new(ClientChannel {
-            id: new_channel_id(),
+            id,
             session: self.next_session.fetch_add(1, Ordering::Relaxed),
             peer,
             outbox: Arc::new(Outbox::default()),
@@ -190,6 +200,15 @@ impl Sessions {
 
     pub fn count(&self) -> usize {
         self.channels.len()
+    }
+
+    /// The ids of the client channels with a socket open.
+    pub fn connected_ids(&self) -> Vec<String> {
+        self.channels
+            .iter()
+            .filter(|c| c.outbox.is_attached())
+            .map(|c| c.id.clone())
+            .collect()
     }
 
     /// Client channels with a socket open.

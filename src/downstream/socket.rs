@@ -108,12 +108,14 @@ enum End {
 type Answer = Pin<Box<dyn Future<Output = Utf8Bytes> + Send>>;
 
 impl ClientSocket {
+    /// Serves the socket until it ends; returns until when every frame for the
+    /// channel reached it (frames after that went elsewhere or were missed).
     pub async fn serve(
         self,
         mut socket: ServerSocket,
         generation: u64,
         mut outbox: mpsc::Receiver<Utf8Bytes>,
-    ) {
+    ) -> SystemTime {
         self.channel.socket_opened();
         let mut heartbeats =
             tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
@@ -195,11 +197,19 @@ impl ClientSocket {
                 .sessions
                 .count_close("proxy", Some(u16::from(*code))),
         }
-        close(&mut socket, end).await;
+        // No frame is queued for it from here on (the session misses what comes
+        // before its next socket, and that socket hears of it).
         self.channel.outbox.detach(generation);
+        let unwritten = write_failed || !outbox.is_empty();
+        let served_until = if unwritten {
+            written_until
+        } else {
+            SystemTime::now()
+        };
+        close(&mut socket, end).await;
         // Frames queued for this socket and never written are lost to it: the
         // session hears of the gap (on its newer socket, or its next one).
-        if write_failed || !outbox.is_empty() {
+        if unwritten {
             let topics = self.channel.topics();
             let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
             self.channel.outbox.unwritten_since(written_until, |since| {
@@ -207,6 +217,7 @@ impl ClientSocket {
             });
         }
         self.channel.socket_closed();
+        served_until
     }
 
     /// Carries out one in-band subscribe and builds its answer. The change itself

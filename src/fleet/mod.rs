@@ -1,6 +1,6 @@
 //! Several replicas as one proxy, on Redis (`[cluster]`): one channel budget for the
-//! fleet ([`leases`]), and one stream of events that every replica delivers from
-//! ([`bus`]).
+//! fleet ([`leases`]), one stream of events that every replica delivers from
+//! ([`bus`]), and client channels any replica can take over ([`directory`]).
 //!
 //! The OAuth client's channels are counted at Genesys across every token and every
 //! process, and the 21st evicts the oldest. Each replica's pool keeps its own budget;
@@ -15,12 +15,14 @@
 //! | `leases` | sorted set | `<replica>/<channel>` → when the lease lapses (ms, Redis' clock): the build's deadline, then the channel's token expiry |
 //! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; about `history_max_len` kept |
 //! | `seen:<topic>\|<CorrelationId>` | string | an event's claim, expiring after the dedup window |
+//! | `c:<channel id>` | hash | a client channel's `topics` (JSON) and when a socket last held it (`seen`, ms); lapses `client_idle` after that |
 //! | `ledger` | string | when this Redis started keeping the leases (ms); its absence means Redis lost them |
 //!
 //! Leases lapse by themselves: a replica that dies leaves its channels alive at
 //! Genesys until their tokens expire, and its leases until the same moment.
 
 pub mod bus;
+pub mod directory;
 pub mod leases;
 pub mod store;
 
@@ -40,6 +42,7 @@ pub struct Fleet {
     pub store: Arc<store::Store>,
     pub leases: Arc<leases::FleetLeases>,
     pub bus: Arc<bus::Bus>,
+    pub directory: Arc<directory::Directory>,
 }
 
 impl Fleet {
@@ -58,12 +61,18 @@ impl Fleet {
             "several replicas as one: the channel budget and the events go through Redis"
         );
         let store = store::Store::connect(cluster)?;
-        let leases = leases::FleetLeases::new(store.clone(), config);
+        let leases = leases::FleetLeases::new(store.clone(), config.clone());
+        let directory = directory::Directory::new(store.clone(), config);
         tasks.spawn(leases.clone().maintain(shutdown.clone()));
         let bus = bus::Bus::new(store.clone(), router, cluster.history_max_len);
         tasks.spawn(bus.clone().write(dedup_window, shutdown.clone()));
         tasks.spawn(bus.clone().read(shutdown.clone()));
-        Ok(Self { store, leases, bus })
+        Ok(Self {
+            store,
+            leases,
+            bus,
+            directory,
+        })
     }
 
     pub fn register_metrics(&self, registry: &mut Registry) {

@@ -59,6 +59,11 @@ impl Keys {
         format!("{}seen:", self.prefix)
     }
 
+    /// A client channel's listing (see `directory`).
+    pub fn channel(&self, id: &str) -> String {
+        format!("{}c:{id}", self.prefix)
+    }
+
     /// When this Redis started keeping the ledger (ms): absent after Redis lost it.
     pub fn ledger(&self) -> String {
         format!("{}ledger", self.prefix)

@@ -1,0 +1,112 @@
+//! Where every replica finds a client channel: its id, topics, and when a socket last
+//! held it, in one Redis hash per channel that lapses `client_idle` after its last
+//! socket (as the channel itself does on the replica that holds it).
+//!
+//! A desktop moved to another replica (a drain, a crash) reconnects with the channel
+//! id it had: that replica takes the channel over from here instead of answering
+//! 404, subscribes its topics, and tells the desktop of the gap since its last
+//! socket (replaying it from the event stream is the next step).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use super::store::{Store, StoreError};
+use crate::config::Config;
+
+/// Hash fields.
+const TOPICS: &str = "topics";
+const SEEN: &str = "seen";
+
+/// What the directory holds of a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub topics: BTreeSet<String>,
+    /// When a socket last held it (a replica refreshes this every second while one
+    /// does).
+    pub seen: SystemTime,
+}
+
+pub struct Directory {
+    store: Arc<Store>,
+    /// `server.client_idle`, read at each write: how long a listing outlives its
+    /// last socket.
+    config: Arc<ArcSwap<Config>>,
+}
+
+impl Directory {
+    pub fn new(store: Arc<Store>, config: Arc<ArcSwap<Config>>) -> Arc<Self> {
+        Arc::new(Self { store, config })
+    }
+
+    fn lifetime(&self) -> Duration {
+        // A second more than the replica's own idle close, so that the listing never
+        // lapses before the channel does.
+        self.config.load().server.client_idle + Duration::from_secs(1)
+    }
+
+    /// Lists channel `id` with its `topics` (seen now, if new), or relists it with
+    /// new ones.
+    pub async fn list(&self, id: &str, topics: &BTreeSet<String>) -> Result<(), StoreError> {
+        let topics = serde_json::to_string(topics).unwrap_or_else(|_| "[]".into());
+        let key = self.store.keys.channel(id);
+        let mut pipe = redis::pipe();
+        pipe.hset(&key, TOPICS, topics)
+            .ignore()
+            // A new listing is seen now; a relisting keeps what its socket said.
+            .hset_nx(&key, SEEN, ms(SystemTime::now()))
+            .ignore()
+            .pexpire(&key, self.lifetime().as_millis() as i64)
+            .ignore();
+        self.store.pipe(&pipe).await
+    }
+
+    /// Channels `ids` had every frame reach their socket until `until`; their
+    /// listings are kept.
+    pub async fn seen(&self, ids: &[String], until: SystemTime) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (now, lifetime) = (ms(until).to_string(), self.lifetime().as_millis() as i64);
+        let mut pipe = redis::pipe();
+        for id in ids {
+            let key = self.store.keys.channel(id);
+            pipe.hset(&key, SEEN, &now)
+                .ignore()
+                .pexpire(&key, lifetime)
+                .ignore();
+        }
+        self.store.pipe(&pipe).await
+    }
+
+    /// Channel `id` as listed, if it is.
+    pub async fn find(&self, id: &str) -> Result<Option<Listing>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.store.keys.channel(id))
+            .arg(TOPICS)
+            .arg(SEEN);
+        let (fields,): ((Option<String>, Option<u64>),) = self.store.pipe(&pipe).await?;
+        let (Some(topics), Some(seen)) = fields else {
+            return Ok(None);
+        };
+        Ok(Some(Listing {
+            topics: serde_json::from_str(&topics).unwrap_or_default(),
+            seen: SystemTime::UNIX_EPOCH + Duration::from_millis(seen),
+        }))
+    }
+
+    /// Channel `id` is gone for good (a `/stream` socket's channel ends with it).
+    pub async fn delist(&self, id: &str) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.del(self.store.keys.channel(id)).ignore();
+        self.store.pipe(&pipe).await
+    }
+}
+
+fn ms(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
