@@ -246,9 +246,10 @@ impl Pool {
             Effect::ForeignChanged { from, to, slots } => {
                 self.held_back_warned.store(false, Ordering::Relaxed);
                 let client_channels = GENESYS_CHANNELS_PER_CLIENT;
-                match from {
-                    None if to == 0 => tracing::info!(
+                match to {
+                    0 => tracing::info!(
                         others = to,
+                        before = from,
                         slots,
                         "the OAuth client's channels were counted: none is held by others"
                     ),
@@ -356,8 +357,9 @@ impl Pool {
     // ---- other users of the OAuth client ---------------------------------------------
 
     /// A listing of the OAuth client's channels, sent at `sent`, answered `listed`:
-    /// what it says of others' channels (see [`PoolState::foreign_in`]), applied in the
-    /// same critical section, so that no channel opens or closes in between.
+    /// what it says of others' channels (see [`PoolState::counted`]), applied in the
+    /// same critical section as the reading of the proxy's own, so that none opens or
+    /// closes in between.
     /// `same_client` tells the credential sets of the listing's OAuth client.
     pub fn foreign_counted(
         self: &Arc<Self>,
@@ -366,10 +368,7 @@ impl Pool {
         same_client: &dyn Fn(&str) -> bool,
     ) -> ForeignCount {
         let now = Instant::now();
-        self.apply_with(|state| {
-            let count = state.foreign_in(listed, sent, same_client);
-            (count, state.set_foreign(count.foreign, now))
-        })
+        self.apply_with(|state| state.counted(listed, sent, same_client, now))
     }
 
     /// The listing failed (see [`PoolState::foreign_uncounted`]).

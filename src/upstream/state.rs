@@ -12,7 +12,7 @@
 //!   held until the channel is gone upstream ([`PoolState::gone`]);
 //! - other users of the OAuth client are counted against it: no slot is granted before
 //!   their channels have been counted once, nor while the channels the proxy holds and
-//!   theirs fill the client's 20 ([`PoolState::foreign_in`], [`PoolState::set_foreign`]);
+//!   theirs fill the client's 20 ([`PoolState::counted`]);
 //!   a channel not yet created that no longer fits is given up, its topics refused;
 //! - a slot stays free for a handover: serving channels (and successors under
 //!   construction) never take more than `max_channels - 1` of the budget;
@@ -188,7 +188,8 @@ pub enum Effect {
     /// and creating it would make Genesys evict one of theirs.
     HeldBack { foreign: usize },
     /// The count of the OAuth client's channels held by others changed (`from` is
-    /// `None` at the first count); the proxy may now hold `slots`.
+    /// `None` at the first count): counts sure of the proxy's own channels, compared
+    /// with the last one announced. The proxy may now hold `slots`.
     ForeignChanged {
         from: Option<usize>,
         to: usize,
@@ -280,6 +281,8 @@ pub struct PoolState {
     /// Channels of the OAuth client the proxy did not create, as last counted; `None`
     /// until the first count, before which no slot is granted.
     foreign: Option<usize>,
+    /// The count last announced ([`Effect::ForeignChanged`]).
+    announced: Option<usize>,
 }
 
 impl PoolState {
@@ -293,6 +296,7 @@ impl PoolState {
             due: BTreeMap::new(),
             break_before_make: false,
             foreign: None,
+            announced: None,
         }
     }
 
@@ -548,22 +552,43 @@ impl PoolState {
         }
     }
 
-    /// Others hold `foreign` channels of the OAuth client. Channels the proxy holds
-    /// are never cut; a channel not yet created that no longer fits is given up (its
-    /// topics refused), and a successor waits for a slot rather than exceed.
+    /// A listing of the OAuth client's channels, sent at `sent`, answered `listed`:
+    /// what it says ([`PoolState::foreign_in`]), applied at once.
+    pub fn counted(
+        &mut self,
+        listed: usize,
+        sent: Instant,
+        same_client: &dyn Fn(&str) -> bool,
+        now: Instant,
+    ) -> (ForeignCount, Effects) {
+        let count = self.foreign_in(listed, sent, same_client);
+        (count, self.apply_count(count, now))
+    }
+
+    /// Others hold `foreign` channels of the OAuth client (a count sure of the proxy's
+    /// own channels).
     pub fn set_foreign(&mut self, foreign: usize, now: Instant) -> Effects {
-        let from = self.foreign.replace(foreign);
+        self.apply_count(ForeignCount { foreign, unsure: 0 }, now)
+    }
+
+    /// Channels the proxy holds are never cut; a channel not yet created that no
+    /// longer fits is given up (its topics refused), and a successor waits for a slot
+    /// rather than exceed. A change is announced only from a count sure of the
+    /// proxy's own channels, against the last one announced: an unsure count may be
+    /// one or two too high, and the next sure one corrects it.
+    fn apply_count(&mut self, count: ForeignCount, now: Instant) -> Effects {
+        let from = self.foreign.replace(count.foreign);
         let mut effects = Vec::new();
-        if from != Some(foreign) {
+        if count.unsure == 0 && self.announced != Some(count.foreign) {
             effects.push(Effect::ForeignChanged {
-                from,
-                to: foreign,
+                from: self.announced.replace(count.foreign),
+                to: count.foreign,
                 slots: self.slots_allowed(),
             });
         }
         effects.extend(self.shed_unbuilt(now));
         // Fewer (or counted for the first time): a waiting channel may take a slot.
-        if from.is_none_or(|from| foreign < from) {
+        if from.is_none_or(|from| count.foreign < from) {
             effects.push(Effect::SlotFreed);
         }
         effects
@@ -571,13 +596,14 @@ impl PoolState {
 
     /// Channels the OAuth client's listing could not count: counted as none if they
     /// never were (as before this count existed), the last count kept otherwise.
-    /// Nothing was counted, so no change of the count is announced.
+    /// Nothing was counted, so nothing is announced.
     pub fn foreign_uncounted(&mut self, now: Instant) -> Effects {
         if self.foreign.is_some() {
             return Vec::new();
         }
-        let mut effects = self.set_foreign(0, now);
-        effects.retain(|e| !matches!(e, Effect::ForeignChanged { .. }));
+        self.foreign = Some(0);
+        let mut effects = self.shed_unbuilt(now);
+        effects.push(Effect::SlotFreed);
         effects
     }
 
@@ -1487,6 +1513,52 @@ mod tests {
         assert_eq!(state.foreign_in(1, sent, &|c| c == "a").foreign, 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn only_counts_sure_of_the_proxys_own_channels_announce_a_change() {
+        let now = Instant::now();
+        let mut state = counted(limits(4, 1));
+        let changed = |effects: &Effects| {
+            effects.iter().find_map(|e| match e {
+                Effect::ForeignChanged { from, to, .. } => Some((*from, *to)),
+                _ => None,
+            })
+        };
+        state.want(&names(&["v2.a"]), now);
+        // A listing while channel 1 holds its slot but has no socket yet: it may be
+        // the one channel listed.
+        assert_eq!(state.grant_slot(1), Grant::Granted);
+        let (count, effects) = state.counted(1, now, &|c| c == "a", now);
+        assert_eq!(
+            count,
+            ForeignCount {
+                foreign: 1,
+                unsure: 1
+            }
+        );
+        assert_eq!(changed(&effects), None, "not announced");
+        assert_eq!(state.capacity().foreign, Some(1), "but counted");
+        assert_eq!(state.capacity().slots, 4);
+        // Once it is surely open, the same listing counts none: nothing changed.
+        bring_up_granted(&mut state, 1, now);
+        let later = now + Duration::from_secs(1);
+        let (count, effects) = state.counted(1, later, &|c| c == "a", later);
+        assert_eq!(
+            count,
+            ForeignCount {
+                foreign: 0,
+                unsure: 0
+            }
+        );
+        assert_eq!(changed(&effects), None);
+        assert!(
+            effects.contains(&Effect::SlotFreed),
+            "one fewer: a slot may be free"
+        );
+        // Others open 3: announced from the last announced count.
+        let (_, effects) = state.counted(4, later, &|c| c == "a", later);
+        assert_eq!(changed(&effects), Some((Some(0), 3)));
+    }
+
     /// Takes channel `key`, already granted its slot, through socket, sync and going live.
     fn bring_up_granted(state: &mut PoolState, key: ChannelKey, now: Instant) -> Effects {
         state.socket_opened(key, &Arc::from("a"), now);
@@ -1728,12 +1800,11 @@ mod tests {
                             .filter(|e| e.holds_slot && e.credential.as_deref() != Some("b"))
                             .count();
                         let listed = ours + usize::from(*others);
-                        let count = self.state.foreign_in(listed, sent, &|c| c == "a");
+                        let (count, effects) = self.state.counted(listed, sent, &|c| c == "a", now);
                         assert!(
                             count.foreign >= usize::from(*others),
                             "{count:?}: fewer than the {others} others' channels listed"
                         );
-                        let effects = self.state.set_foreign(count.foreign, now);
                         self.absorb(effects);
                     }
                     Step::Uncounted => {
