@@ -1,5 +1,6 @@
 //! Wiring: builds the parts from a config, serves the client and admin listeners,
-//! mints a first token at start (readiness), reloads, and stops: drains the client
+//! mints a first token at start (readiness) and counts others' channels of the OAuth
+//! client with it, reloads, and stops: drains the client
 //! sockets, then shuts down through one `CancellationToken` and one `TaskTracker`.
 
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use crate::router::Router;
 use crate::tls::Roots;
 use crate::tls_server::ServerTls;
 use crate::upstream::channel::{self, Parts};
+use crate::upstream::foreign;
 use crate::upstream::pool::{self, Pool};
 use crate::upstream::state::ChannelView;
 use crate::upstream::{Delivery, Leases, Unshared};
@@ -119,16 +121,20 @@ impl Proxy {
         let client_idle = config.server.client_idle;
         let config = Arc::new(ArcSwap::from_pointee(config));
         let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
-        tasks.spawn(first_mint(
-            tokens.clone(),
-            genesys.clone(),
-            shutdown.clone(),
-        ));
         let pool = Pool::new(
             pool::limits(&config.load()),
             router.clone(),
             shutdown.clone(),
         );
+        // Its first mint, at start, makes the proxy ready; then it counts the OAuth
+        // client's channels held by others, before any channel is created.
+        tasks.spawn(foreign::watch(
+            genesys.clone(),
+            tokens.clone(),
+            pool.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
         let fleet = match &config.load().cluster {
             Some(cluster) => Some(Fleet::start(
                 cluster,
@@ -450,21 +456,6 @@ fn listener_options(
         metrics: listeners.of("admin"),
     };
     (client, admin)
-}
-
-/// Mints one token as soon as the proxy starts, so that it turns ready without
-/// waiting for a desktop (a load balancer sends none to a proxy that is not ready).
-/// Retried with back-off until it succeeds; the token only proved that a credential
-/// works, so it is retired at once.
-async fn first_mint(tokens: Arc<TokenSource>, genesys: Arc<Genesys>, shutdown: CancellationToken) {
-    let Some(token) = tokens.mint_until_success(&shutdown).await else {
-        return;
-    };
-    tracing::info!(credential = %token.credential, "a token was minted: ready");
-    if let Err(error) = genesys.retire_token(&token.value).await {
-        // It expires by itself; it holds no channel, so no budget slot.
-        tracing::debug!(%error, "could not retire the first token");
-    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {

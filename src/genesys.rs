@@ -1,5 +1,6 @@
 //! The Genesys Cloud calls the proxy makes: the client-credentials grant, channel
-//! creation, subscriptions, token retirement, and the notification WebSocket.
+//! creation, the OAuth client's channel count, subscriptions, token retirement, and
+//! the notification WebSocket.
 //!
 //! Errors never carry secrets: no token, client secret, channel id or connectUri
 //! appears in them (reqwest errors are stripped of their URL; Genesys error bodies
@@ -299,6 +300,25 @@ impl Genesys {
         })
     }
 
+    /// `GET /api/v2/notifications/channels?includechannels=oauthclient`: how many live
+    /// channels the token's OAuth client holds, whoever created them. Genesys shows the
+    /// channels of the client's other tokens "to show their existence", without their
+    /// ids (§3.2 of the protocol notes), so entries are counted, never told apart: an
+    /// id may be missing, `null` or the same placeholder on each. Nothing of an entry
+    /// is kept.
+    pub async fn count_client_channels(&self, token: &Secret) -> Result<usize, UpstreamError> {
+        let request = self
+            .http
+            .get(format!(
+                "{}/api/v2/notifications/channels?includechannels=oauthclient",
+                self.api_url
+            ))
+            .bearer_auth(token.expose());
+        let response = self.send("list_channels", request).await?;
+        let body = expect_success(response).await?;
+        channel_count(&body)
+    }
+
     /// `PUT …/subscriptions?ignoreErrors=true`: makes `topics` the channel's whole
     /// subscription list. Returns the topics Genesys rejected (no permission).
     pub async fn replace_subscriptions(
@@ -567,6 +587,20 @@ pub fn token_answer(
         }
         (s, error) => UpstreamError::Protocol(format!("token endpoint answered {s} {error}")),
     })
+}
+
+/// Reads a channel listing (`ChannelEntityListing`): how many entries it has.
+pub fn channel_count(body: &[u8]) -> Result<usize, UpstreamError> {
+    #[derive(Deserialize)]
+    struct Listing {
+        /// Absent or `null` when there is none (every field of the model is optional).
+        #[serde(default)]
+        entities: Option<Vec<serde::de::IgnoredAny>>,
+    }
+    let listing: Listing = serde_json::from_slice(body).map_err(|_| {
+        UpstreamError::Protocol("the channel listing is not the expected JSON".into())
+    })?;
+    Ok(listing.entities.map_or(0, |entities| entities.len()))
 }
 
 /// An OAuth `error` code as RFC 6749 names them; anything else is not repeated.

@@ -261,3 +261,38 @@ async fn a_foreign_connect_uri_is_never_connected_to() {
     assert_eq!(status(&admin, "/healthz").await, 200);
     asking.abort();
 }
+
+#[tokio::test]
+async fn a_refused_channel_listing_counts_none_and_the_proxy_turns_ready_and_counts_later() {
+    let (fake, fake_api, hostile, secrets) = setup().await;
+    // The channel listing is refused (an older Genesys, a missing permission).
+    hostile.twist(Some(Twist::Listing(404)));
+    let (proxy, _client, admin) = proxy(&fake.base_url(), &hostile.url(), &secrets).await;
+    let admin = &admin;
+    wait_for("readiness and a failed listing", || async move {
+        let refused = metric(
+            admin,
+            "handover_upstream_requests_total",
+            &["route=\"list_channels\"", "status=\"404\""],
+        )
+        .await;
+        (admin.get("/readyz").await.status == 200 && refused.is_some()).then_some(())
+    })
+    .await;
+    // As before the proxy counted: none, and the whole budget.
+    assert_eq!(proxy.pool.capacity().foreign, Some(0));
+    assert_eq!(proxy.pool.capacity().slots, 4);
+
+    // Someone else holds channels of the OAuth client; once the listing works again
+    // (after a back-off, not a minute), they are counted.
+    let other = fake_api.mint("client-a", "secret-a").await;
+    for _ in 0..5 {
+        fake_api.channel(&other).await;
+    }
+    hostile.twist(None);
+    let pool = &proxy.pool;
+    wait_for("the 5 counted", || async move {
+        (pool.capacity().foreign == Some(5)).then_some(())
+    })
+    .await;
+}

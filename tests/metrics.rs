@@ -129,6 +129,9 @@ async fn metrics_parse_and_move() {
         ("handover_token_expires_in_seconds", "gauge"),
         ("handover_budget_slots_used", "gauge"),
         ("handover_budget_slots_free", "gauge"),
+        ("handover_budget_slots_allowed", "gauge"),
+        ("handover_upstream_foreign_channels", "gauge"),
+        ("handover_upstream_evictions_avoided", "counter"),
         ("handover_upstream_channels", "gauge"),
         ("handover_upstream_sockets", "gauge"),
         ("handover_client_channels", "gauge"),
@@ -252,6 +255,22 @@ async fn metrics_parse_and_move() {
         &[],
     );
     assert_eq!(slots, 4.0, "used and free make the budget");
+    let gauge = |family: &str| value(&after, family, family, &[]);
+    assert_eq!(
+        gauge("handover_budget_slots_allowed"),
+        4.0,
+        "nobody else holds a channel"
+    );
+    assert_eq!(gauge("handover_upstream_foreign_channels"), 0.0);
+    assert_eq!(
+        value(
+            &after,
+            "handover_upstream_evictions_avoided",
+            "handover_upstream_evictions_avoided_total",
+            &[]
+        ),
+        0.0
+    );
     let expiring = after["handover_token_expires_in_seconds"]["samples"]
         .as_array()
         .unwrap();

@@ -1,6 +1,6 @@
 //! Every parser of outside input, fed arbitrary bytes and structured mutations:
 //! client WebSocket messages, REST bodies and query strings, topic names, upstream
-//! frames, token answers and the config file. None may panic, and each classifies
+//! frames, token answers, channel listings and the config file. None may panic, and each classifies
 //! or round-trips what it should. (No nightly toolchain here, so no cargo-fuzz:
 //! proptest, 256 cases a property by default; `PROPTEST_CASES` raises it.)
 
@@ -11,7 +11,7 @@ use handover::config::Config;
 use handover::downstream::parse_topics;
 use handover::downstream::socket::{InBand, in_band};
 use handover::frame::{UpstreamFrame, classify};
-use handover::genesys::{UpstreamError, token_answer};
+use handover::genesys::{UpstreamError, channel_count, token_answer};
 use handover::http_server::query_param;
 use handover::topic;
 use http::StatusCode;
@@ -157,6 +157,26 @@ proptest! {
             }
             Err(other) => prop_assert!(false, "unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn channel_listings_never_panic(body in prop_oneof![any::<Vec<u8>>(), jsonish().prop_map(String::into_bytes)]) {
+        let _ = channel_count(&body);
+    }
+
+    /// Every entry counts, whatever it shows of the channel (its id left out, `null`,
+    /// the same placeholder on each, or anything else).
+    #[test]
+    fn every_listed_entry_counts(entries in prop::collection::vec(prop_oneof![
+        Just(json!({"expires": "2026-01-01T00:00:00.000Z"})),
+        Just(json!({"id": null, "connectUri": null})),
+        Just(json!({"id": "********"})),
+        jsonish().prop_map(|id| json!({"id": id, "connectUri": "wss://streaming.example/channels/x"})),
+        Just(json!({})),
+        Just(json!(null)),
+    ], 0..30)) {
+        let body = json!({"entities": entries}).to_string();
+        prop_assert_eq!(channel_count(body.as_bytes()).ok(), Some(entries.len()));
     }
 
     #[test]

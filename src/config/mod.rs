@@ -66,6 +66,14 @@ pub const DEFAULT_LOCAL_SHARE: usize = 2;
 pub const DEFAULT_HISTORY_MAX_LEN: usize = 100_000;
 /// Lower bound of `cluster.history_max_len`.
 pub const MIN_HISTORY_MAX_LEN: usize = 1000;
+/// Default of `upstream.foreign_check_interval`: each count is a mint, a listing and a
+/// token retirement, so one a minute; others' channels opened in between are seen at
+/// the next.
+pub const DEFAULT_FOREIGN_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// Bounds of `upstream.foreign_check_interval`: at most one count a second (tests),
+/// at least one an hour.
+pub const MIN_FOREIGN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_FOREIGN_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 /// Default of `upstream.idle_channel_timeout`.
 pub const DEFAULT_IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default and upper bound of `upstream.max_topics_per_channel` (Genesys' limit).
@@ -221,6 +229,9 @@ pub struct UpstreamConfig {
     pub max_channels: usize,
     /// In `1..=1000`.
     pub max_topics_per_channel: usize,
+    /// How often the channels of the OAuth client that the proxy did not create are
+    /// counted (`GET …/channels?includechannels=oauthclient`); in `1s..=1h`.
+    pub foreign_check_interval: Duration,
     /// Genesys' heartbeat interval: an upstream socket silent this long is pinged,
     /// and rebuilt if it stays silent as long again.
     pub heartbeat: Duration,
@@ -234,6 +245,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             max_channels: DEFAULT_MAX_CHANNELS,
             max_topics_per_channel: MAX_TOPICS_PER_CHANNEL,
+            foreign_check_interval: DEFAULT_FOREIGN_CHECK_INTERVAL,
             heartbeat: DEFAULT_HEARTBEAT,
             idle_channel_timeout: DEFAULT_IDLE_CHANNEL_TIMEOUT,
         }

@@ -119,6 +119,7 @@ pub(super) struct RawCluster {
 pub(super) struct RawUpstream {
     pub max_channels: Value<usize>,
     pub max_topics_per_channel: Value<usize>,
+    pub foreign_check_interval: Value<Dur>,
     pub heartbeat: Value<Dur>,
     pub idle_channel_timeout: Value<Dur>,
 }

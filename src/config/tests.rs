@@ -338,6 +338,31 @@ fn durations_are_bounded() {
 }
 
 #[test]
+fn the_foreign_check_interval_defaults_parses_and_is_bounded() {
+    assert_eq!(
+        parse(MINIMAL).unwrap().upstream.foreign_check_interval,
+        Duration::from_secs(60)
+    );
+    let config = parse(&format!(
+        "{MINIMAL}\n[upstream]\nforeign_check_interval = \"90s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.upstream.foreign_check_interval,
+        Duration::from_secs(90)
+    );
+    for refused in ["500ms", "0s", "2h"] {
+        let message = error(&format!(
+            "{MINIMAL}\n[upstream]\nforeign_check_interval = \"{refused}\"\n"
+        ));
+        assert!(
+            message.contains("upstream.foreign_check_interval") && message.contains("line"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
 fn zero_secret_sources_are_refused() {
     let text = MINIMAL.replace("client_secret = \"inline-secret-value\"\n", "");
     let message = error(&text);

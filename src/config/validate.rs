@@ -762,9 +762,26 @@ impl Ctx<'_> {
                 ),
             ));
         }
+        let foreign_check_interval =
+            duration(&raw.foreign_check_interval, DEFAULT_FOREIGN_CHECK_INTERVAL);
+        if !(MIN_FOREIGN_CHECK_INTERVAL..=MAX_FOREIGN_CHECK_INTERVAL)
+            .contains(&foreign_check_interval)
+        {
+            return Err(self.error(
+                "upstream.foreign_check_interval",
+                span(&raw.foreign_check_interval),
+                format!(
+                    "must be between {} and {}, got {}",
+                    show(MIN_FOREIGN_CHECK_INTERVAL),
+                    show(MAX_FOREIGN_CHECK_INTERVAL),
+                    show(foreign_check_interval)
+                ),
+            ));
+        }
         Ok(UpstreamConfig {
             max_channels,
             max_topics_per_channel,
+            foreign_check_interval,
             heartbeat,
             idle_channel_timeout,
         })

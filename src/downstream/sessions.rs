@@ -25,7 +25,7 @@ use crate::metrics::{Readings, Registry};
 use crate::router::{Outbox, Router, SessionId};
 use crate::topic;
 use crate::upstream::pool::Pool;
-use crate::upstream::state::TopicOutcome;
+use crate::upstream::state::{Capacity, TopicOutcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -370,16 +370,10 @@ impl Sessions {
             |want: &dyn Fn(&TopicOutcome) -> bool| outcomes.iter().filter(|(_, o)| want(o)).count();
         let no_capacity = failed(&|o| *o == TopicOutcome::NoCapacity);
         if no_capacity > 0 {
-            let limits = self.pool.limits();
             return Some(ClientError::new(
                 StatusCode::BAD_REQUEST,
                 "notification.capacity.exceeded",
-                format!(
-                    "The proxy has no upstream capacity for {no_capacity} more topic(s): at most {} channels of {} topics, \
-                     one channel kept free for handovers",
-                    limits.max_channels.saturating_sub(1),
-                    limits.max_topics
-                ),
+                capacity_message(no_capacity, &self.pool.capacity()),
             ));
         }
         if let Some((topic, TopicOutcome::Refused(refusal))) = outcomes
@@ -431,6 +425,27 @@ impl Sessions {
     }
 }
 
+/// Why `topics` topics found no channel: the channels the proxy may hold are full,
+/// and, when others hold channels of the OAuth client, how many.
+fn capacity_message(topics: usize, capacity: &Capacity) -> String {
+    let serving = capacity.slots.saturating_sub(1);
+    let channels = format!(
+        "at most {serving} channel(s) of {} topics, one more kept free for handovers",
+        capacity.max_topics
+    );
+    match capacity.foreign.filter(|&n| n > 0) {
+        Some(others) => format!(
+            "The proxy has no upstream capacity for {topics} more topic(s): other users of its OAuth client \
+             hold {others} of the {} channels Genesys Cloud keeps for it, which leaves the proxy {} \
+             ({channels}); it creates no channel that would make Genesys evict one of theirs",
+            capacity.client_channels, capacity.slots
+        ),
+        None => {
+            format!("The proxy has no upstream capacity for {topics} more topic(s): {channels}")
+        }
+    }
+}
+
 /// The channel's topics, as a subscription answer lists them.
 pub fn permitted(channel: &ClientChannel) -> Vec<TopicAnswer> {
     channel
@@ -466,4 +481,37 @@ fn new_channel_id() -> String {
         .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
         .collect();
     format!("handover-{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capacity_refusal_names_the_channels_others_hold() {
+        let mut capacity = Capacity {
+            slots: 3,
+            max_topics: 1000,
+            foreign: Some(17),
+            client_channels: 20,
+        };
+        let message = capacity_message(2, &capacity);
+        assert!(
+            message.contains("2 more topic(s)")
+                && message.contains("hold 17 of the 20 channels")
+                && message.contains("leaves the proxy 3")
+                && message.contains("at most 2 channel(s) of 1000 topics"),
+            "{message}"
+        );
+        for foreign in [None, Some(0)] {
+            capacity = Capacity {
+                slots: 4,
+                foreign,
+                ..capacity
+            };
+            let message = capacity_message(1, &capacity);
+            assert!(!message.contains("other users"), "{message}");
+            assert!(message.contains("at most 3 channel(s)"), "{message}");
+        }
+    }
 }

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::Fake;
 use super::errors::Rejection;
+use super::settings::OtherChannels;
 use super::state::{SubscriptionChange, iso8601};
 use crate::http_server::{self, Request, Response, json, query_param};
 
@@ -28,7 +29,7 @@ pub(super) async fn handle(
             only(&method, &[Method::POST, Method::GET])?;
             let bearer = authorize(fake, &req).await?;
             if method == Method::GET {
-                return Ok(list_channels(fake, &bearer));
+                return list_channels(fake, &req, &bearer);
             }
             create_channel(fake, &bearer)
         }
@@ -209,19 +210,47 @@ fn create_channel(fake: &Fake, bearer: &str) -> Result<Response, Rejection> {
     ))
 }
 
-fn list_channels(fake: &Fake, bearer: &str) -> Response {
-    let channels = fake.state().channels_of(bearer, Instant::now());
+/// `GET /api/v2/notifications/channels[?includechannels=token|oauthclient]`: the
+/// token's own channels in full; with `oauthclient` also those of the OAuth client's
+/// other tokens, without their id, in the shape the settings choose.
+fn list_channels(fake: &Fake, req: &Request, bearer: &str) -> Result<Response, Rejection> {
+    let across_client = match query_param(req.uri(), "includechannels").as_deref() {
+        None => false,
+        Some(value) if value.eq_ignore_ascii_case("token") => false,
+        Some(value) if value.eq_ignore_ascii_case("oauthclient") => true,
+        Some(_) => {
+            return Err(Rejection::bad_request(
+                "includechannels must be one of: token, oauthclient",
+            ));
+        }
+    };
+    let state = fake.state();
+    let shape = state.settings.other_channels;
+    let channels = state
+        .list_channels(bearer, across_client, Instant::now())
+        .ok_or_else(|| {
+            Rejection::unauthenticated("bad.credentials", "Invalid login credentials.")
+        })?;
+    drop(state);
     let entities: Vec<_> = channels
         .into_iter()
         .map(|c| {
-            json!({
-                "connectUri": format!("{}/channels/{}", fake.ws_base, c.id),
-                "id": c.id,
-                "expires": iso8601(c.expires),
-            })
+            let expires = iso8601(c.expires);
+            match (c.id, shape) {
+                (Some(id), _) => json!({
+                    "connectUri": format!("{}/channels/{id}", fake.ws_base),
+                    "id": id,
+                    "expires": expires,
+                }),
+                (None, OtherChannels::Omitted) => json!({ "expires": expires }),
+                (None, OtherChannels::Null) => {
+                    json!({ "connectUri": null, "id": null, "expires": expires })
+                }
+                (None, OtherChannels::Redacted) => json!({ "id": "********", "expires": expires }),
+            }
         })
         .collect();
-    json(StatusCode::OK, &json!({ "entities": entities }))
+    Ok(json(StatusCode::OK, &json!({ "entities": entities })))
 }
 
 #[derive(Deserialize)]

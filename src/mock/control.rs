@@ -2,7 +2,7 @@
 //!
 //! | call | body | effect |
 //! |---|---|---|
-//! | `GET /__mock/stats` | | tokens, channels (live, peak), sockets, subscriptions, events, rejected calls |
+//! | `GET /__mock/stats` | | per OAuth client tokens and channels (live, peak, evicted), sockets, subscriptions, events, rejected calls |
 //! | `POST /__mock/clients` | `{"id","secret","token_ttl":"30s"}` | add an OAuth client |
 //! | `POST /__mock/clients/{id}/rotate` | `{"mode":"keep_tokens"\|"revoke_tokens","secret"?}` | regenerate the secret → `{"secret"}` |
 //! | `POST /__mock/revoke` | `{"token"}` \| `{"client_id"}` \| `{"channel"}` | revoke tokens → `{"revoked":n}` |
@@ -13,7 +13,7 @@
 //! | `POST /__mock/stall` | `{"channels"?}` | sockets go silent without closing (no events, heartbeats, pongs) |
 //! | `POST /__mock/faults/token` | `{"mode":"throttle"\|"outage"\|"none","status"?,"count"?}` | token-endpoint faults |
 //! | `POST /__mock/faults/subscriptions` | `{"count"}` | refuse the next `count` subscription changes wholesale (400) |
-//! | `PATCH /__mock/settings` | any `Settings` fields | change behaviour at run time |
+//! | `PATCH /__mock/settings` | any `Settings` fields | change behaviour at run time (e.g. `{"other_channels":"null"}`: how the client-wide channel listing shows other tokens' channels) |
 
 use std::sync::Arc;
 use std::time::Duration;

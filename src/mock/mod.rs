@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 pub use errors::Rejection;
 pub use events::unix_micros;
-pub use settings::{ClientSpec, DeathNotice, MockConfig, ServiceTimes, Settings};
+pub use settings::{ClientSpec, DeathNotice, MockConfig, OtherChannels, ServiceTimes, Settings};
 pub use state::RotationMode;
 
 use crate::http_server::{self, Request, Response};

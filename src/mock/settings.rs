@@ -109,6 +109,25 @@ pub enum DeathNotice {
     Result404,
 }
 
+/// How `GET /api/v2/notifications/channels?includechannels=oauthclient` shows the
+/// channels of the OAuth client's other tokens. Genesys: "Channel Ids for other access
+/// tokens will not be shown, but will be presented to show their existence"; the shape
+/// of such an entry is not documented (every field of its `Channel` model is optional),
+/// so the fake can answer each plausible one and the proxy must count them all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherChannels {
+    /// `{"expires": …}`: `id` and `connectUri` left out, as a serializer that omits
+    /// empty fields writes it.
+    #[default]
+    Omitted,
+    /// `{"id": null, "connectUri": null, "expires": …}`.
+    Null,
+    /// `{"id": "********", "expires": …}`: every such entry has the same placeholder
+    /// id, so a reader that tells channels apart by id sees one.
+    Redacted,
+}
+
 /// Everything about the fake's behaviour that can change while it runs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +154,9 @@ pub struct Settings {
     pub deny_topics: Vec<String>,
     pub service_times: ServiceTimes,
     pub death_notice: DeathNotice,
+    /// How the listing across the OAuth client shows other tokens' channels.
+    #[serde(default)]
+    pub other_channels: OtherChannels,
 }
 
 impl Default for Settings {
@@ -151,6 +173,7 @@ impl Default for Settings {
             deny_topics: Vec::new(),
             service_times: ServiceTimes::REALISTIC,
             death_notice: DeathNotice::None,
+            other_channels: OtherChannels::Omitted,
         }
     }
 }

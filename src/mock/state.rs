@@ -61,6 +61,8 @@ struct OAuthClient {
     tokens_issued: u64,
     channels_created: u64,
     peak_channels: usize,
+    /// This client's channels Genesys evicted because one more was created.
+    evictions: u64,
 }
 
 struct Token {
@@ -156,6 +158,14 @@ pub enum SubscriptionChange {
     Replace,
 }
 
+/// One entry of a channel listing.
+pub struct ListedChannel {
+    /// `None` for a channel of another token of the same OAuth client, whose id is
+    /// not shown.
+    pub id: Option<String>,
+    pub expires: SystemTime,
+}
+
 /// A freshly created channel, as the REST answer needs it.
 pub struct NewChannel {
     pub id: String,
@@ -234,6 +244,7 @@ impl State {
                 tokens_issued: 0,
                 channels_created: 0,
                 peak_channels: 0,
+                evictions: 0,
             },
         );
     }
@@ -451,6 +462,9 @@ impl State {
             let notice = self.death_notice();
             self.remove_channel(&victim, notice, CloseCode::Normal, "channel evicted");
             self.counters.evictions += 1;
+            if let Some(client) = self.clients.get_mut(&client_id) {
+                client.evictions += 1;
+            }
         }
         let id = random_channel_id();
         self.next_serial += 1;
@@ -485,20 +499,31 @@ impl State {
         })
     }
 
-    /// Channels the token created (`GET /api/v2/notifications/channels`).
-    pub fn channels_of(&self, bearer: &str, now: Instant) -> Vec<NewChannel> {
+    /// `GET /api/v2/notifications/channels`: the channels the token created, or with
+    /// `across_client` (`includechannels=oauthclient`) every live channel of its OAuth
+    /// client, in creation order; the id only of the token's own ones. `None` for an
+    /// unknown token.
+    pub fn list_channels(
+        &self,
+        bearer: &str,
+        across_client: bool,
+        now: Instant,
+    ) -> Option<Vec<ListedChannel>> {
+        let client_id = &self.tokens.get(bearer)?.client_id;
         let mut list: Vec<(&String, &Channel)> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.token == bearer)
+            .filter(|(_, c)| c.token == bearer || (across_client && &c.client_id == client_id))
             .collect();
         list.sort_by_key(|(_, c)| c.serial);
-        list.into_iter()
-            .map(|(id, c)| NewChannel {
-                id: id.clone(),
-                expires: wall_clock(c.expires_at, now),
-            })
-            .collect()
+        Some(
+            list.into_iter()
+                .map(|(id, c)| ListedChannel {
+                    id: (c.token == bearer).then(|| id.clone()),
+                    expires: wall_clock(c.expires_at, now),
+                })
+                .collect(),
+        )
     }
 
     /// The channel, if `bearer` may manage it: 404 if it does not exist, 403 if it
@@ -892,6 +917,7 @@ impl State {
                         "channels_created": c.channels_created,
                         "live_channels": live,
                         "peak_channels": c.peak_channels,
+                        "evictions": c.evictions,
                     }),
                 )
             })

@@ -1,9 +1,11 @@
 //! The upstream side: the pool's decisions as plain state (`state`), the pool that
 //! applies them within the budget (`pool`), a channel's subscription bookkeeping
-//! (`sync`), and the task that drives one channel through its life, handovers
-//! included (`channel`). Genesys calls themselves are in `crate::genesys`.
+//! (`sync`), the task that drives one channel through its life, handovers included
+//! (`channel`), and the count of the OAuth client's channels held by others
+//! (`foreign`). Genesys calls themselves are in `crate::genesys`.
 
 pub mod channel;
+pub mod foreign;
 pub mod pool;
 pub mod state;
 pub mod sync;

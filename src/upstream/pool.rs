@@ -9,6 +9,7 @@
 //! injected spawner, so the pool knows nothing of how a channel is driven.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
@@ -18,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Delivery;
 use super::state::{
-    Assignment, ChannelKey, ChannelView, Effect, Effects, Grant, HandoverReason, Limits, PoolState,
-    Refusal, TopicOutcome,
+    Assignment, Capacity, ChannelKey, ChannelView, Effect, Effects, ForeignCount, Grant,
+    HandoverReason, Limits, PoolState, Refusal, TopicOutcome,
 };
-use crate::config::Config;
+use crate::config::{Config, GENESYS_CHANNELS_PER_CLIENT};
 use crate::metrics::{Readings, Registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -80,6 +81,9 @@ struct PoolMetrics {
     completed: Counter,
     /// Channels rebuilt after an unplanned loss (clients got a gap notice).
     rebuilds: Counter,
+    /// Channels not created (or made to wait) because others' channels of the OAuth
+    /// client left no room: creating them would have made Genesys evict one.
+    evictions_avoided: Counter,
 }
 
 impl Default for PoolMetrics {
@@ -89,6 +93,7 @@ impl Default for PoolMetrics {
             durations: Family::new_with_constructor(duration_histogram),
             completed: Counter::default(),
             rebuilds: Counter::default(),
+            evictions_avoided: Counter::default(),
         }
     }
 }
@@ -106,6 +111,9 @@ pub struct Pool {
     delivery: Arc<dyn Delivery>,
     shutdown: CancellationToken,
     metrics: PoolMetrics,
+    /// Whether holding back for others' channels was logged as a warning since their
+    /// count last changed (then it is logged at debug: a login storm would repeat it).
+    held_back_warned: AtomicBool,
     /// Test seam: channel tasks told to panic at their next wake-up.
     #[cfg(feature = "test-util")]
     injected_panics: Mutex<std::collections::HashSet<ChannelKey>>,
@@ -115,6 +123,7 @@ pub struct Pool {
 pub fn limits(config: &Config) -> Limits {
     Limits {
         max_channels: config.upstream.max_channels,
+        client_channels: GENESYS_CHANNELS_PER_CLIENT,
         max_topics: config.upstream.max_topics_per_channel,
         idle_timeout: config.upstream.idle_channel_timeout,
     }
@@ -137,6 +146,7 @@ impl Pool {
             delivery,
             shutdown,
             metrics: PoolMetrics::default(),
+            held_back_warned: AtomicBool::new(false),
             #[cfg(feature = "test-util")]
             injected_panics: Mutex::default(),
         })
@@ -155,9 +165,17 @@ impl Pool {
 
     /// Applies one transition under the lock, then carries out its effects.
     fn apply(self: &Arc<Self>, transition: impl FnOnce(&mut PoolState) -> Effects) {
-        let (effects, wakes) = {
+        self.apply_with(|state| ((), transition(state)));
+    }
+
+    /// [`Pool::apply`] for a transition that also answers something.
+    fn apply_with<T>(
+        self: &Arc<Self>,
+        transition: impl FnOnce(&mut PoolState) -> (T, Effects),
+    ) -> T {
+        let (answer, effects, wakes) = {
             let mut shared = self.shared();
-            let effects = transition(&mut shared.state);
+            let (answer, effects) = transition(&mut shared.state);
             let mut wakes = Vec::new();
             for effect in &effects {
                 match effect {
@@ -168,7 +186,7 @@ impl Pool {
                     _ => {}
                 }
             }
-            (effects, wakes)
+            (answer, effects, wakes)
         };
         for wake in wakes {
             wake.notify_one();
@@ -176,6 +194,7 @@ impl Pool {
         for effect in effects {
             self.carry_out(effect);
         }
+        answer
     }
 
     fn carry_out(self: &Arc<Self>, effect: Effect) {
@@ -223,6 +242,49 @@ impl Pool {
                     "upstream channel rebuilt after a loss: clients told of the gap"
                 );
             }
+            Effect::HeldBack { foreign } => self.held_back(foreign),
+            Effect::ForeignChanged { from, to, slots } => {
+                self.held_back_warned.store(false, Ordering::Relaxed);
+                let client_channels = GENESYS_CHANNELS_PER_CLIENT;
+                match to {
+                    0 => tracing::info!(
+                        others = to,
+                        before = from,
+                        slots,
+                        "the OAuth client's channels were counted: none is held by others"
+                    ),
+                    _ => tracing::warn!(
+                        others = to,
+                        before = from,
+                        client_channels,
+                        slots,
+                        "channels of the OAuth client held by others (other replicas, scripts, desktops with the secret): \
+                         the proxy holds at most what they leave of Genesys' 20, and creates no channel that would evict one"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// A channel the budget allows was not created, or must wait: others' channels
+    /// (`foreign`) leave no room for it.
+    fn held_back(&self, foreign: usize) {
+        self.metrics.evictions_avoided.inc();
+        let capacity = self.capacity();
+        if self.held_back_warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!(
+                others = foreign,
+                slots = capacity.slots,
+                "no upstream channel created: it would make Genesys evict another user's"
+            );
+        } else {
+            tracing::warn!(
+                others = foreign,
+                client_channels = capacity.client_channels,
+                slots = capacity.slots,
+                "no upstream channel created: it would make Genesys evict another user's \
+                 (topics beyond the channels held are refused; a handover waits for a slot)"
+            );
         }
     }
 
@@ -278,14 +340,41 @@ impl Pool {
     }
 
     /// New limits from a reloaded config.
-    pub fn reload(&self, limits: Limits) {
-        self.shared().state.reload(limits);
-        // A raised budget may let a waiting successor go on.
-        self.slot_freed.notify_waiters();
+    pub fn reload(self: &Arc<Self>, limits: Limits) {
+        let now = Instant::now();
+        self.apply(|state| state.reload(limits, now));
     }
 
     pub fn limits(&self) -> Limits {
         self.shared().state.limits()
+    }
+
+    /// What the budget allows now, others' channels counted.
+    pub fn capacity(&self) -> Capacity {
+        self.shared().state.capacity()
+    }
+
+    // ---- other users of the OAuth client ---------------------------------------------
+
+    /// A listing of the OAuth client's channels, sent at `sent`, answered `listed`:
+    /// what it says of others' channels (see [`PoolState::counted`]), applied in the
+    /// same critical section as the reading of the proxy's own, so that none opens or
+    /// closes in between.
+    /// `same_client` tells the credential sets of the listing's OAuth client.
+    pub fn foreign_counted(
+        self: &Arc<Self>,
+        listed: usize,
+        sent: Instant,
+        same_client: &dyn Fn(&str) -> bool,
+    ) -> ForeignCount {
+        let now = Instant::now();
+        self.apply_with(|state| state.counted(listed, sent, same_client, now))
+    }
+
+    /// The listing failed (see [`PoolState::foreign_uncounted`]).
+    pub fn foreign_uncounted(self: &Arc<Self>) {
+        let now = Instant::now();
+        self.apply(|state| state.foreign_uncounted(now));
     }
 
     /// Channels with an open socket minted with `credential`.
@@ -332,8 +421,19 @@ impl Pool {
             "Upstream channels rebuilt after an unplanned loss (their clients got a gap notice).",
             self.metrics.rebuilds.clone(),
         );
-        let (channels, sockets, used, free) =
-            (self.clone(), self.clone(), self.clone(), self.clone());
+        registry.register(
+            "upstream_evictions_avoided",
+            "Upstream channels not created, or made to wait, because the OAuth client's channels held by others left no room: creating them would have made Genesys evict one.",
+            self.metrics.evictions_avoided.clone(),
+        );
+        let (channels, sockets, used, free, allowed, foreign) = (
+            self.clone(),
+            self.clone(),
+            self.clone(),
+            self.clone(),
+            self.clone(),
+            self.clone(),
+        );
         Readings::new()
             .gauge(
                 "upstream_channels",
@@ -350,11 +450,21 @@ impl Pool {
             )
             .gauge(
                 "budget_slots_free",
-                "Budget slots free (upstream.max_channels minus those held).",
+                "Budget slots free: those allowed (budget_slots_allowed) minus those held.",
                 move || {
                     let held = free.channels().iter().filter(|c| c.holds_slot).count();
-                    free.limits().max_channels.saturating_sub(held) as i64
+                    free.capacity().slots.saturating_sub(held) as i64
                 },
+            )
+            .gauge(
+                "budget_slots_allowed",
+                "Budget slots the proxy may hold: upstream.max_channels, or fewer when others' channels leave less of Genesys' 20 per OAuth client.",
+                move || allowed.capacity().slots as i64,
+            )
+            .gauge(
+                "upstream_foreign_channels",
+                "Channels of the OAuth client held by others (other replicas, scripts, desktops holding the secret), as last counted.",
+                move || foreign.capacity().foreign.unwrap_or(0) as i64,
             )
             .register(registry);
     }
@@ -378,14 +488,22 @@ impl Pool {
     /// Waits for a free budget slot and takes it. `false` if the channel is no longer
     /// wanted or the proxy is shutting down.
     pub async fn acquire_slot(&self, key: ChannelKey) -> bool {
+        let mut held_back = false;
         loop {
             let freed = self.slot_freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            match self.shared().state.grant_slot(key) {
+            let grant = self.shared().state.grant_slot(key);
+            match grant {
                 Grant::Granted => return true,
                 Grant::Gone => return false,
                 Grant::Wait => {}
+                // Counted once per channel, however long it waits.
+                Grant::HeldBack { foreign } if !held_back => {
+                    held_back = true;
+                    self.held_back(foreign);
+                }
+                Grant::HeldBack { .. } => {}
             }
             tokio::select! {
                 _ = freed => {}
@@ -399,7 +517,7 @@ impl Pool {
         let now = Instant::now();
         match report {
             Report::SocketOpened { credential } => {
-                self.shared().state.socket_opened(key, credential);
+                self.shared().state.socket_opened(key, credential, now);
             }
             Report::SocketClosed => self.shared().state.socket_closed(key),
             Report::Synced { applied, rejected } => {

@@ -1,7 +1,7 @@
 //! A hostile Genesys in front of the fake: it forwards every REST call to the fake
 //! and twists chosen answers the way a broken or malicious upstream might (absurd
 //! lifetimes, `Retry-After`s and bodies, redirects, a `connectUri` pointing
-//! elsewhere). Sockets are not forwarded: point `api_url` at it only for a twist of
+//! elsewhere, a channel listing refused). Sockets are not forwarded: point `api_url` at it only for a twist of
 //! the API itself.
 
 use std::convert::Infallible;
@@ -34,6 +34,9 @@ pub enum Twist {
     Redirect(String),
     /// Channel answers name this `connectUri`.
     ConnectUri(String),
+    /// Channel listings (`GET …/channels`) are refused with this status, as a
+    /// Genesys without the call, or an OAuth client without the permission, would.
+    Listing(u16),
 }
 
 pub struct Hostile {
@@ -108,6 +111,13 @@ async fn answer(
 ) -> Answer {
     let twist = twist.lock().unwrap().clone();
     let is_token = req.uri().path() == "/oauth/token";
+    if let Some(Twist::Listing(status)) = &twist
+        && req.method() == http::Method::GET
+        && req.uri().path() == "/api/v2/notifications/channels"
+    {
+        let body = serde_json::json!({"message": "refused", "code": "refused", "status": status});
+        return full(*status, body.to_string());
+    }
     match (&twist, is_token) {
         (Some(Twist::Throttled(retry_after)), true) => {
             let mut response = full(
