@@ -54,6 +54,17 @@ async fn leases_in(redis: &RedisServer) -> usize {
         .expect("ZCARD")
 }
 
+/// A short stream on `topics` reaches `desktop` whole, once.
+async fn receives_every_event(fake: &Api, desktop: &Desktop, topics: &[String]) {
+    let stream = start_stream(fake, topics, 20.0, 20).await;
+    stream_done(fake, stream, Instant::now() + DEADLINE).await;
+    let (lost, duplicated, _) = settle(std::slice::from_ref(desktop), &|d| {
+        d.expected(stream, topics, 20)
+    })
+    .await;
+    assert_eq!((lost, duplicated), (0, 0));
+}
+
 async fn replica(fake: &str, secrets: &Secrets, redis: &RedisServer) -> (Proxy, Api, Api) {
     let cluster = format!("redis_url = \"{}\"", redis.url());
     start_proxy(replica_config(fake, secrets, SURGE_BUDGET, &cluster)).await
@@ -130,13 +141,7 @@ async fn replicas_share_one_budget_through_handovers_and_a_rollout_surge() {
     );
 
     // The surge replica's desktop receives too.
-    let late = start_stream(&fake_api, &surge_topics, 20.0, 20).await;
-    stream_done(&fake_api, late, Instant::now() + DEADLINE).await;
-    let (lost, duplicated, _) = settle(std::slice::from_ref(&surge_desktop), &|d| {
-        d.expected(late, &surge_topics, 20)
-    })
-    .await;
-    assert_eq!((lost, duplicated), (0, 0));
+    receives_every_event(&fake_api, &surge_desktop, &surge_topics).await;
 
     let ClientCount {
         peak,
@@ -237,13 +242,7 @@ async fn redis_killed_and_restarted_empty_mid_stream_loses_no_event_and_no_lease
         (0, 0, 0),
         "the desktops kept their live events through Redis' death and return"
     );
-    let after = start_stream(&fake_api, &late_topics, 20.0, 20).await;
-    stream_done(&fake_api, after, Instant::now() + DEADLINE).await;
-    let (lost, duplicated, _) = settle(std::slice::from_ref(&late_desktop), &|d| {
-        d.expected(after, &late_topics, 20)
-    })
-    .await;
-    assert_eq!((lost, duplicated), (0, 0));
+    receives_every_event(&fake_api, &late_desktop, &late_topics).await;
 
     let count = client_count(&fake_api).await;
     assert!(count.peak <= TROUBLE_BUDGET as u64, "peak {}", count.peak);
@@ -293,13 +292,7 @@ async fn rediss_with_a_private_ca() {
         metric(&admin, "handover_cluster_redis_up", &[]).await,
         Some(1.0)
     );
-    let stream = start_stream(&fake_api, &watched, 20.0, 20).await;
-    stream_done(&fake_api, stream, Instant::now() + DEADLINE).await;
-    let (lost, duplicated, _) = settle(std::slice::from_ref(&desktop), &|d| {
-        d.expected(stream, &watched, 20)
-    })
-    .await;
-    assert_eq!((lost, duplicated), (0, 0));
+    receives_every_event(&fake_api, &desktop, &watched).await;
     proxy.stop().await;
 }
 

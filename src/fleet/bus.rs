@@ -179,10 +179,14 @@ impl Bus {
             if last.is_none() {
                 match self.stream_end(&mut connection).await {
                     Ok(end) => last = Some(end),
-                    Err(_) => continue,
+                    Err(_) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next_wait()) => continue,
+                            _ = shutdown.cancelled() => return,
+                        }
+                    }
                 }
             }
-            backoff = Backoff::new();
             self.reading.store(true, Ordering::Release);
             let options = StreamReadOptions::default()
                 .count(READ_COUNT)
@@ -202,6 +206,7 @@ impl Bus {
                 let Ok(reply) = self.store.observed(read.map_err(Into::into)) else {
                     break;
                 };
+                backoff = Backoff::new();
                 for stream in reply.keys {
                     for entry in stream.ids {
                         self.route_entry(&entry);
@@ -210,6 +215,11 @@ impl Bus {
                 }
             }
             self.reading.store(false, Ordering::Release);
+            // A read failed: reconnect after a pause that grows while it keeps failing.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_wait()) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 
