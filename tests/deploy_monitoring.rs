@@ -1,5 +1,6 @@
 //! The Grafana dashboard and the Prometheus alerts an operator imports cannot rot:
-//! every metric they query is one the proxy exposes. (`.ci/run` also checks the
+//! every metric they query is one the proxy exposes (with `[cluster]`, against a real
+//! `redis-server`). (`.ci/run` also checks the
 //! rules with `promtool check rules` and their unit tests with `promtool test rules`.)
 
 mod common;
@@ -8,6 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::proxy::*;
+use common::redis_server::RedisServer;
 use handover::mock::Settings;
 
 const DASHBOARD: &str = include_str!("../deploy/grafana/handover.json");
@@ -57,7 +59,16 @@ async fn the_dashboard_and_alerts_query_only_metrics_the_proxy_exposes() {
         queried.extend(families(expr));
     }
 
-    let w = World::start(&[A], Duration::from_secs(3600), Settings::default(), "").await;
+    // With [cluster], so that the fleet's metrics are there too.
+    let redis = RedisServer::start().await;
+    let cluster = format!("[cluster]\nredis_url = \"{}\"\n", redis.url());
+    let w = World::start(
+        &[A],
+        Duration::from_secs(3600),
+        Settings::default(),
+        &cluster,
+    )
+    .await;
     let _desktop = desktop(&w.client, &["v2.monitored".to_owned()]).await;
     let exposed = w.admin.get("/metrics").await.body;
     let declared: BTreeSet<&str> = exposed

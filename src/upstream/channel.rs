@@ -13,7 +13,7 @@
 //!    the channel upstream) and give the slot back.
 //!
 //! However the task ends, a panic included, the channel's topics move on and its slot
-//! is given back once the channel is gone upstream (see [`EndGuard`]).
+//! is given back once the channel is gone upstream (see `EndGuard`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -158,7 +158,7 @@ impl Collector for TokenExpiries {
     }
 }
 
-/// The pool's spawner: every channel runs as a tracked task driven by [`drive`].
+/// The pool's spawner: every channel runs as a tracked task driven by `Task::drive`.
 pub fn spawner(parts: Arc<Parts>) -> Spawner {
     Box::new(move |pool, key| {
         let task = Task {
