@@ -20,6 +20,8 @@ const proxy = new URL(proxyUrl);
   await notifications.putNotificationsChannelSubscriptions(channel.id, [{ id: topic }]);
   const socket = new WebSocket(channel.connectUri);
   // ---- end ----
+  // Listened for at once: the socket may open while the next call is in flight.
+  const opened = new Promise((resolve) => socket.once('open', resolve));
   const listed = await notifications.getNotificationsChannelSubscriptions(channel.id);
   const seqs = [];
   const finish = (closed) => {
@@ -27,18 +29,19 @@ const proxy = new URL(proxyUrl);
     socket.close(1000, 'done');
     setTimeout(() => process.exit(0), 300);
   };
-  socket.on('open', () => console.log(JSON.stringify({
+  socket.on('close', (code) => finish(`closed ${code}`));
+  await opened;
+  console.log(JSON.stringify({
     ready: true,
     available: available.entities.map((entity) => entity.id),
     listed: listed.entities.map((entity) => entity.id),
     expires: typeof channel.expires,
-  })));
+  }));
   socket.on('message', (data) => {
     const event = JSON.parse(data.toString());
     if (event.topicName === topic) seqs.push(event.eventBody.seq);
     if (seqs.length >= Number(count)) finish(null);
   });
-  socket.on('close', (code) => finish(`closed ${code}`));
 })().catch((error) => {
   console.log(JSON.stringify({ error: String(error), body: error && error.body }));
   process.exit(1);
