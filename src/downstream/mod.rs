@@ -129,7 +129,7 @@ impl Downstream {
             }
             ["api", "v2", "notifications", "channels", id] => match method {
                 Method::HEAD => {
-                    let status = if self.channel(id, peer, config).await.is_ok() {
+                    let status = if self.exists(id).await {
                         StatusCode::OK
                     } else {
                         StatusCode::NOT_FOUND
@@ -223,6 +223,18 @@ impl Downstream {
             "client channel taken over from another replica"
         );
         Ok(channel)
+    }
+
+    /// Whether channel `id` is this replica's or listed in the fleet's directory; a
+    /// check takes nothing over (`HEAD` has no side effect).
+    async fn exists(&self, id: &str) -> bool {
+        if self.sessions.get(id).is_some() {
+            return true;
+        }
+        match &self.directory {
+            Some(directory) => matches!(directory.find(id).await, Ok(Some(_))),
+            None => false,
+        }
     }
 
     /// Lists `channel` (its topics now) in the fleet's directory, if there is one. A
