@@ -168,7 +168,7 @@ struct Fanout {
     topics: Vec<String>,
     frame: Utf8Bytes,
     outboxes: Vec<Arc<Outbox>>,
-    queues: Vec<mpsc::Receiver<Utf8Bytes>>,
+    queues: Vec<mpsc::Receiver<handover::router::QueuedFrame>>,
     router: Router,
     /// How many ids of the pool `router` has seen.
     seen: usize,
@@ -180,7 +180,7 @@ impl Fanout {
         let mut queues = Vec::with_capacity(subscribers);
         for _ in 0..subscribers {
             let outbox = Arc::new(Outbox::default());
-            queues.push(outbox.attach().1);
+            queues.push(outbox.attach().frames);
             outboxes.push(outbox);
         }
         let mut fanout = Self {
@@ -262,8 +262,8 @@ impl Fanout {
 /// The fan-out baseline: `subscribers` plain tokio mpsc channels.
 struct PlainFanout {
     frame: Utf8Bytes,
-    senders: Vec<mpsc::Sender<Utf8Bytes>>,
-    queues: Vec<mpsc::Receiver<Utf8Bytes>>,
+    senders: Vec<mpsc::Sender<handover::router::QueuedFrame>>,
+    queues: Vec<mpsc::Receiver<handover::router::QueuedFrame>>,
 }
 
 impl PlainFanout {
@@ -288,7 +288,7 @@ impl PlainFanout {
             for _ in 0..chunk {
                 let frame = black_box(&self.frame);
                 for sender in &self.senders {
-                    if sender.try_send(frame.clone()).is_ok() {
+                    if sender.try_send((1, frame.clone())).is_ok() {
                         delivered += 1;
                     }
                 }

@@ -80,6 +80,8 @@ pub struct Proxy {
     admin_server: tokio::task::JoinHandle<()>,
     /// The client listener's certificate, when it serves TLS.
     tls: Option<Arc<ServerTls>>,
+    /// With `[cluster]`: the drain hands this replica's channels over to others.
+    fleet: Option<(Arc<Fleet>, Arc<Sessions>)>,
 }
 
 impl Proxy {
@@ -136,14 +138,14 @@ impl Proxy {
             shutdown.clone(),
         ));
         let fleet = match &config.load().cluster {
-            Some(cluster) => Some(Fleet::start(
+            Some(cluster) => Some(Arc::new(Fleet::start(
                 cluster,
                 config.clone(),
                 router.clone(),
                 dedup_window(&config.load()),
                 &tasks,
                 &shutdown,
-            )?),
+            )?)),
             None => None,
         };
         let (delivery, leases): (Arc<dyn Delivery>, Arc<dyn Leases>) = match &fleet {
@@ -186,7 +188,7 @@ impl Proxy {
             peers: peers.clone(),
             subscriptions,
             available: Arc::new(AvailableTopics::new(genesys.clone(), tokens.clone())),
-            directory: fleet.as_ref().map(|fleet| fleet.directory.clone()),
+            fleet: fleet.clone(),
         });
         if let Some(fleet) = &fleet {
             tasks.spawn(crate::downstream::keep_listed(
@@ -234,6 +236,7 @@ impl Proxy {
             readiness: Arc::new(Ready {
                 tokens: tokens.clone(),
                 stopping: stopping.clone(),
+                bus: fleet.as_ref().map(|fleet| fleet.bus.clone()),
             }),
             operations: Arc::new(Ops {
                 tokens: tokens.clone(),
@@ -256,6 +259,7 @@ impl Proxy {
             move |req: Request| admin.clone().handle_logged(req),
             admin_stop.clone(),
         ));
+        let fleet = fleet.map(|fleet| (fleet, sessions.clone()));
         tasks.spawn(close_idle_channels(
             sessions,
             config.clone(),
@@ -278,6 +282,7 @@ impl Proxy {
             admin_stop,
             admin_server,
             tls: tls_for_reload,
+            fleet,
         })
     }
 
@@ -325,13 +330,18 @@ impl Proxy {
     /// Stops as a load balancer expects (timings from `[server]`): `/readyz` answers
     /// 503 at once; the proxy keeps serving for `drain_delay` while endpoint removal
     /// propagates; then it takes no new connections and closes the client sockets
-    /// (1012) one after the other over `drain_spread`; once the last is gone, its
-    /// channel tasks close their upstream channels and retire their tokens. All of it
-    /// within `shutdown_grace`. The admin listener stops last.
+    /// (1012) one after the other over `drain_spread`; once the last is gone (and,
+    /// with `[cluster]`, their desktops' channels are served by other replicas, which
+    /// carry their topics), its channel tasks close their upstream channels and
+    /// retire their tokens. All of it within `shutdown_grace`. The admin listener
+    /// stops last.
     pub async fn stop(self) {
         let config = self.config.load_full();
         let server = &config.server;
         self.stopping.cancel();
+        if let Some((fleet, _)) = &self.fleet {
+            fleet.presence.stop_accepting().await;
+        }
         tracing::info!(
             drain_delay = %humantime::format_duration(server.drain_delay),
             drain_spread = %humantime::format_duration(server.drain_spread),
@@ -341,8 +351,19 @@ impl Proxy {
         let drained = async {
             tokio::time::sleep(server.drain_delay).await;
             self.accepting.cancel();
+            let closing = self
+                .fleet
+                .as_ref()
+                .map(|(_, sessions)| sessions.connected_ids());
             self.drain.begin(server.drain_spread);
             self.drain.all_closed().await;
+            if let (Some((fleet, _)), Some(closed)) = (&self.fleet, closing) {
+                tracing::info!(
+                    channels = closed.len(),
+                    "every client socket is closed: waiting for other replicas to serve their channels"
+                );
+                fleet.hand_over(closed).await;
+            }
             tracing::info!("every client socket is closed: closing the upstream channels");
             self.shutdown.cancel();
             self.tasks.close();
@@ -360,20 +381,26 @@ impl Proxy {
     }
 }
 
-/// Readiness: ready from the first token minted until the stop begins.
+/// Readiness: ready from the first token minted (and, with `[cluster]`, the first
+/// read of the fleet's stream, or Redis failing) until the stop begins.
 struct Ready {
     tokens: Arc<TokenSource>,
     stopping: CancellationToken,
+    bus: Option<Arc<crate::fleet::bus::Bus>>,
 }
 
 impl Readiness for Ready {
     fn ready(&self) -> Result<(), &'static str> {
         if self.stopping.is_cancelled() {
             Err("shutting down")
-        } else if self.tokens.has_minted() {
-            Ok(())
-        } else {
+        } else if !self.tokens.has_minted() {
             Err("no token yet")
+        } else if self.bus.as_ref().is_some_and(|bus| !bus.settled()) {
+            // A desktop served before the stream is read could not be replayed
+            // what it misses when it moves.
+            Err("not reading the fleet's stream yet")
+        } else {
+            Ok(())
         }
     }
 }

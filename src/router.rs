@@ -35,35 +35,98 @@ pub type SessionId = u64;
 /// Frames queued per client before it counts as too slow and is disconnected.
 pub const CLIENT_QUEUE: usize = 1024;
 
+/// A position in the fleet's event stream (see `fleet::bus::offset`): frames carry the
+/// position of the stream entry they came from, so that a session knows how far it
+/// was served and its next socket (on any replica) can be replayed the rest.
+/// [`NOT_IN_STREAM`] marks a frame no stream holds (without `[cluster]`, every frame).
+pub type Offset = u64;
+pub const NOT_IN_STREAM: Offset = 0;
+
+/// One frame queued for a client socket, with the stream position it came from.
+pub type QueuedFrame = (Offset, Utf8Bytes);
+
 /// Where the frames of one client session go: the socket currently open for it, if
 /// any. A new socket replaces the old one; a socket that cannot keep up is cut off
 /// (its queue is dropped, which ends its task) rather than buffered without bound.
 #[derive(Default)]
 pub struct Outbox {
-    sender: ArcSwapOption<Attached>,
+    sender: ArcSwapOption<Socket>,
     generation: AtomicU64,
     /// Since when frames for this session were dropped (no socket open, or the socket
-    /// was too slow): the next socket starts with a gap notice from then.
+    /// was too slow) that no stream holds: the next socket starts with a gap notice
+    /// from then.
     missed_since: Mutex<Option<SystemTime>>,
+    /// How far in the stream the session's sockets were served, and by which socket
+    /// generation: only the current socket moves it.
+    served: Mutex<Served>,
 }
 
-struct Attached {
+#[derive(Default, Clone, Copy)]
+struct Served {
     generation: u64,
-    tx: mpsc::Sender<Utf8Bytes>,
+    offset: Offset,
+}
+
+struct Socket {
+    generation: u64,
+    tx: mpsc::Sender<QueuedFrame>,
+}
+
+/// A socket attached to an outbox.
+pub struct Attachment {
+    pub generation: u64,
+    pub frames: mpsc::Receiver<QueuedFrame>,
+    /// Since when frames no stream holds were dropped, if any were.
+    pub missed_since: Option<SystemTime>,
+    /// The stream position up to which earlier sockets were served: what follows it
+    /// (up to where this socket's live frames begin) is this socket's to replay.
+    pub served: Offset,
 }
 
 impl Outbox {
-    /// Attaches a new socket, detaching any previous one. Returns the socket's
-    /// generation, its queue, and since when frames were dropped, if any were.
-    pub fn attach(&self) -> (u64, mpsc::Receiver<Utf8Bytes>, Option<SystemTime>) {
+    /// Attaches a new socket, detaching any previous one.
+    pub fn attach(&self) -> Attachment {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let (tx, frames) = mpsc::channel(CLIENT_QUEUE);
         // Under the same lock as `unwritten_since`: a loss reported while a new
         // socket attaches reaches exactly one of them.
         let mut missed = self.missed_since.lock().unwrap_or_else(|p| p.into_inner());
-        self.sender
-            .store(Some(Arc::new(Attached { generation, tx })));
-        (generation, rx, missed.take())
+        let served = {
+            let mut served = self.served();
+            served.generation = generation;
+            served.offset
+        };
+        self.sender.store(Some(Arc::new(Socket { generation, tx })));
+        Attachment {
+            generation,
+            frames,
+            missed_since: missed.take(),
+            served,
+        }
+    }
+
+    fn served(&self) -> std::sync::MutexGuard<'_, Served> {
+        self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The socket of `generation` wrote the stream's frames up to `offset`.
+    pub fn written(&self, generation: u64, offset: Offset) {
+        let mut served = self.served();
+        if served.generation == generation && offset > served.offset {
+            served.offset = offset;
+        }
+    }
+
+    /// How far in the stream this session was served.
+    pub fn served_to(&self) -> Offset {
+        self.served().offset
+    }
+
+    /// The session starts (or resumes, taken over from another replica) at stream
+    /// position `offset`: its next socket is replayed what follows.
+    pub fn serve_from(&self, offset: Offset) {
+        let mut served = self.served();
+        served.offset = served.offset.max(offset);
     }
 
     /// A socket went away with frames queued for it that it never wrote, perhaps since
@@ -74,7 +137,7 @@ impl Outbox {
         let current = self.sender.load();
         let told = current
             .as_ref()
-            .is_some_and(|attached| attached.tx.try_send(gap(since)).is_ok());
+            .is_some_and(|socket| socket.tx.try_send((NOT_IN_STREAM, gap(since))).is_ok());
         if !told {
             *missed = Some(missed.map_or(since, |m| m.min(since)));
         }
@@ -111,25 +174,38 @@ impl Outbox {
         self.sender.load().is_some()
     }
 
-    /// Queues a frame for the socket. A frame that finds no socket open, or one too
-    /// slow to take it, is dropped (and the next socket hears of the gap).
+    /// Queues a frame no stream holds for the socket.
     pub fn send(&self, frame: &Utf8Bytes) -> Queued {
+        self.send_at(NOT_IN_STREAM, frame)
+    }
+
+    /// Queues a frame (from stream position `offset`) for the socket. A frame that
+    /// finds no socket open, or one too slow to take it, is dropped: the next socket
+    /// is replayed it from the stream, or hears of the gap if no stream holds it.
+    pub fn send_at(&self, offset: Offset, frame: &Utf8Bytes) -> Queued {
         let guard = self.sender.load();
-        let Some(attached) = guard.as_ref() else {
-            self.missed();
+        let Some(socket) = guard.as_ref() else {
+            self.lost(offset);
             return Queued::NoSocket;
         };
-        let dropped = match attached.tx.try_send(frame.clone()) {
+        let dropped = match socket.tx.try_send((offset, frame.clone())) {
             Ok(()) => return Queued::Yes,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("client socket too slow: disconnecting it");
-                self.detach(attached.generation);
+                self.detach(socket.generation);
                 Queued::QueueFull
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Queued::NoSocket,
         };
-        self.missed();
+        self.lost(offset);
         dropped
+    }
+
+    fn lost(&self, offset: Offset) {
+        // A session with no position in the stream cannot be replayed either.
+        if offset == NOT_IN_STREAM || self.served_to() == NOT_IN_STREAM {
+            self.missed();
+        }
     }
 }
 
@@ -322,9 +398,20 @@ impl Router {
         last
     }
 
-    /// Delivers an upstream event to the topic's subscribers, unless it was delivered
-    /// already. Returns the number of sockets it was queued on.
+    /// Delivers an upstream event no stream holds to the topic's subscribers, unless it
+    /// was delivered already. Returns the number of sockets it was queued on.
     pub fn route(&self, topic: &str, correlation_id: Option<&str>, frame: &Utf8Bytes) -> usize {
+        self.route_at(NOT_IN_STREAM, topic, correlation_id, frame)
+    }
+
+    /// As [`Router::route`], for the event at stream position `offset`.
+    pub fn route_at(
+        &self,
+        offset: Offset,
+        topic: &str,
+        correlation_id: Option<&str>,
+        frame: &Utf8Bytes,
+    ) -> usize {
         let key = dedup_key(topic, correlation_id, frame);
         let first_time = self
             .dedup
@@ -342,7 +429,7 @@ impl Router {
         };
         let mut delivered = 0;
         for route in routes {
-            match route.outbox.send(frame) {
+            match route.outbox.send_at(offset, frame) {
                 Queued::Yes => delivered += 1,
                 Queued::NoSocket => {
                     self.metrics.dropped_no_socket.inc();
@@ -497,7 +584,7 @@ mod tests {
     async fn combined_subscriptions_receive_each_named_topic_once() {
         let router = Router::new(Duration::from_secs(10));
         let outbox = Arc::new(Outbox::default());
-        let (_, rx, _) = outbox.attach();
+        let rx = outbox.attach().frames;
         assert_eq!(
             router.add(
                 1,
@@ -542,7 +629,7 @@ mod tests {
     async fn an_event_seen_on_two_channels_is_delivered_once() {
         let router = Router::new(Duration::from_secs(10));
         let outbox = Arc::new(Outbox::default());
-        let (_, rx, _) = outbox.attach();
+        let rx = outbox.attach().frames;
         router.add(1, &outbox, &topics(&["t"]));
         let frame =
             Utf8Bytes::from_static(r#"{"topicName":"t","metadata":{"CorrelationId":"c1"}}"#);
@@ -577,8 +664,10 @@ mod tests {
     #[tokio::test]
     async fn a_new_socket_replaces_the_old_and_a_slow_one_is_cut_off() {
         let outbox = Outbox::default();
-        let (first, mut first_rx, _) = outbox.attach();
-        let (second, second_rx, _) = outbox.attach();
+        let first = outbox.attach();
+        let (first, mut first_rx) = (first.generation, first.frames);
+        let second = outbox.attach();
+        let (second, second_rx) = (second.generation, second.frames);
         assert!(outbox.replaced(first));
         assert!(
             first_rx.recv().await.is_none(),
@@ -598,17 +687,53 @@ mod tests {
     async fn a_gap_notice_names_only_the_sessions_own_topics() {
         let router = Router::new(Duration::from_secs(10));
         let a = Arc::new(Outbox::default());
-        let (_, mut rx, _) = a.attach();
+        let mut rx = a.attach().frames;
         router.add(1, &a, &topics(&["x"]));
         let b = Arc::new(Outbox::default());
-        let (_, mut rx_b, _) = b.attach();
+        let mut rx_b = b.attach().frames;
         router.add(2, &b, &topics(&["y"]));
         let t = SystemTime::UNIX_EPOCH;
         router.notify_gap(&topics(&["x", "z"]), t, t + Duration::from_secs(1));
-        let frame: serde_json::Value = serde_json::from_str(&rx.recv().await.unwrap()).unwrap();
+        let frame: serde_json::Value = serde_json::from_str(&rx.recv().await.unwrap().1).unwrap();
         assert_eq!(frame["topicName"], "handover.gap");
         assert_eq!(frame["eventBody"]["topics"], serde_json::json!(["x"]));
         assert_eq!(frame["eventBody"]["from"], "1970-01-01T00:00:00.000Z");
         assert!(rx_b.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_session_is_served_up_to_what_its_current_socket_wrote() {
+        let outbox = Outbox::default();
+        outbox.serve_from(10);
+        let old = outbox.attach();
+        assert_eq!(old.served, 10);
+        outbox.written(old.generation, 12);
+        let new = outbox.attach();
+        assert_eq!(new.served, 12, "replayed from what the old socket wrote");
+        outbox.written(old.generation, 20);
+        assert_eq!(outbox.served_to(), 12, "a replaced socket moves nothing");
+        outbox.written(new.generation, 15);
+        outbox.serve_from(13);
+        assert_eq!(outbox.served_to(), 15, "never backwards");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_frame_is_a_gap_only_if_no_stream_can_replay_it() {
+        let outbox = Outbox::default();
+        let frame = Utf8Bytes::from_static("{}");
+        assert_eq!(outbox.send_at(5, &frame), Queued::NoSocket);
+        assert!(
+            outbox.attach().missed_since.is_some(),
+            "no position in the stream: nothing to replay from"
+        );
+        let outbox = Outbox::default();
+        outbox.serve_from(4);
+        assert_eq!(outbox.send_at(5, &frame), Queued::NoSocket);
+        let attached = outbox.attach();
+        assert!(attached.missed_since.is_none(), "replayed instead");
+        assert_eq!(attached.served, 4);
+        outbox.detach(attached.generation);
+        assert_eq!(outbox.send(&frame), Queued::NoSocket);
+        assert!(outbox.attach().missed_since.is_some(), "no stream holds it");
     }
 }

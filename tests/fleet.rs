@@ -65,9 +65,17 @@ async fn receives_every_event(fake: &Api, desktop: &Desktop, topics: &[String]) 
     assert_eq!((lost, duplicated), (0, 0));
 }
 
+/// The next frame on `socket` (heartbeats aside) is the event the fake `published`.
+async fn expect_event(socket: &mut Socket, published: &Value) {
+    match next_non_heartbeat(socket).await {
+        Next::Text(frame) if frame["eventBody"]["seq"] == published["seq"] => {}
+        other => panic!("expected event {published}, got {other:?}"),
+    }
+}
+
 async fn replica(fake: &str, secrets: &Secrets, redis: &RedisServer) -> (Proxy, Api, Api) {
     let cluster = format!("redis_url = \"{}\"", redis.url());
-    start_proxy(replica_config(fake, secrets, SURGE_BUDGET, &cluster)).await
+    start_replica(replica_config(fake, secrets, SURGE_BUDGET, &cluster)).await
 }
 
 #[tokio::test]
@@ -354,73 +362,94 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
 }
 
 #[tokio::test]
-async fn a_desktop_moved_to_another_replica_keeps_its_channel_and_hears_of_the_gap() {
+async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone_hears_of_the_gap()
+{
     let redis = RedisServer::start().await;
     let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
     let secrets = Secrets::new();
     secrets.write("a", "secret-a");
+    // The replicas' grace is short: a drain waits that long at most for a desktop
+    // to come back.
     let cluster = format!("redis_url = \"{}\"", redis.url());
     let config = || replica_config(&fake.base_url(), &secrets, TROUBLE_BUDGET, &cluster);
-    let (leaving, leaving_client, _) = start_proxy(config()).await;
-    let (staying, staying_client, _) = start_proxy(config()).await;
+    let (leaving, leaving_client, _) = start_replica(config()).await;
+    let (staying, staying_client, _) = start_replica(config()).await;
 
-    // The desktop makes its channel on one replica, as the SDK does.
-    let created = leaving_client.post("/api/v2/notifications/channels").await;
-    let id = created.body["id"].as_str().unwrap().to_owned();
+    // Two desktops make their channels on one replica, as the SDK does.
     let watched = topics("v2.moved", 2);
-    let body: Vec<Value> = watched.iter().map(|t| json!({ "id": t })).collect();
-    let reply = leaving_client
-        .send(
-            leaving_client
-                .http
-                .put(format!(
-                    "{}/api/v2/notifications/channels/{id}/subscriptions",
-                    leaving_client.base
-                ))
-                .json(&body),
-        )
-        .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let mut socket = connect(created.body["connectUri"].as_str().unwrap()).await;
-    fake_api.publish(&watched[0]).await;
-    match next_non_heartbeat(&mut socket).await {
-        Next::Text(frame) if frame["topicName"] == watched[0] => {}
-        other => panic!("expected the first event, got {other:?}"),
+    let mut desktops = Vec::new();
+    for _ in 0..2 {
+        let created = leaving_client.post("/api/v2/notifications/channels").await;
+        let id = created.body["id"].as_str().unwrap().to_owned();
+        let body: Vec<Value> = watched.iter().map(|t| json!({ "id": t })).collect();
+        let reply = leaving_client
+            .send(
+                leaving_client
+                    .http
+                    .put(format!(
+                        "{}/api/v2/notifications/channels/{id}/subscriptions",
+                        leaving_client.base
+                    ))
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let socket = connect(created.body["connectUri"].as_str().unwrap()).await;
+        desktops.push((id, socket));
+    }
+    let first = fake_api.publish(&watched[0]).await;
+    for (_, socket) in &mut desktops {
+        expect_event(socket, &first).await;
     }
 
-    // Its replica drains (a rollout): the desktop is told to reconnect...
+    // Its replica drains (a rollout): the desktops are told to reconnect...
     let stopping = tokio::spawn(leaving.stop());
-    let (code, _) = until_closed(&mut socket).await;
-    assert_eq!(code, Some(1012));
-    let away_since = std::time::SystemTime::now();
+    for (_, socket) in &mut desktops {
+        let (code, _) = until_closed(socket).await;
+        assert_eq!(code, Some(1012));
+    }
+    // ...an event comes while they are between sockets...
+    let between = fake_api.publish(&watched[1]).await;
+    // ...and the first reconnects at once, with the same channel id, to the replica
+    // the balancer picks: it gets that event, once, and no gap notice.
+    let uri = |id: &str| {
+        format!(
+            "ws://{}/channels/{id}",
+            staying_client.base.trim_start_matches("http://")
+        )
+    };
+    let mut moved = connect(&uri(&desktops[0].0)).await;
+    expect_event(&mut moved, &between).await;
+    // The drain ends once the channel is served elsewhere; the second desktop never
+    // came back, so its wait is bounded by the grace.
+    let drained = Instant::now();
     stopping.await.unwrap();
+    assert!(drained.elapsed() < Duration::from_secs(5));
+    let gone = std::time::SystemTime::now();
+    let after = fake_api.publish(&watched[0]).await;
+    expect_event(&mut moved, &after).await;
 
-    // ...and does, with the same channel id, to the replica the balancer picks.
-    let uri = format!(
-        "ws://{}/channels/{id}",
-        staying_client.base.trim_start_matches("http://")
-    );
-    let mut moved = connect(&uri).await;
-    match next_non_heartbeat(&mut moved).await {
-        Next::Text(frame) if frame["topicName"] == "handover.gap" => {
-            let from =
-                humantime::parse_rfc3339(frame["eventBody"]["from"].as_str().unwrap()).unwrap();
-            assert!(
-                from <= away_since,
-                "the gap starts when a socket last held the channel: {frame}"
-            );
-            let mut named: Vec<String> =
-                serde_json::from_value(frame["eventBody"]["topics"].clone()).unwrap();
-            named.sort();
-            assert_eq!(named, watched);
+    // The second comes back only after its replica is gone: what was published in
+    // between may never have reached the stream, and it hears of that span.
+    let mut late = connect(&uri(&desktops[1].0)).await;
+    let notice = loop {
+        match next_non_heartbeat(&mut late).await {
+            Next::Text(frame) if frame["topicName"] == "handover.gap" => break frame,
+            Next::Text(_) => {}
+            other => panic!("expected a gap notice, got {other:?}"),
         }
-        other => panic!("expected a gap notice first, got {other:?}"),
-    }
-    fake_api.publish(&watched[1]).await;
-    match next_non_heartbeat(&mut moved).await {
-        Next::Text(frame) if frame["topicName"] == watched[1] => {}
-        other => panic!("expected the event through the other replica, got {other:?}"),
-    }
+    };
+    let from = humantime::parse_rfc3339(notice["eventBody"]["from"].as_str().unwrap()).unwrap();
+    let to = humantime::parse_rfc3339(notice["eventBody"]["to"].as_str().unwrap()).unwrap();
+    assert!(
+        from <= gone && to >= gone,
+        "the span covers the replica's end: {notice}"
+    );
+    let mut named: Vec<String> =
+        serde_json::from_value(notice["eventBody"]["topics"].clone()).unwrap();
+    named.sort();
+    assert_eq!(named, watched);
+    let id = desktops[0].0.clone();
     // The other replica answers its REST calls, and still 404 for unknown channels.
     let listed = staying_client
         .get(&format!(

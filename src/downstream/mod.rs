@@ -41,7 +41,9 @@ use available::AvailableTopics;
 use error::ClientError;
 use gate::Admission;
 
+use crate::fleet::Fleet;
 use crate::fleet::directory::Directory;
+use crate::router::{Offset, QueuedFrame};
 
 /// How often the directory hears which channels have a socket.
 const LISTING_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
@@ -72,9 +74,9 @@ pub struct Downstream {
     pub peers: Arc<Peers>,
     pub subscriptions: Arc<Subscriptions>,
     pub available: Arc<AvailableTopics>,
-    /// With `[cluster]`: the fleet's client channels, so that a desktop moved from
-    /// another replica keeps its channel.
-    pub directory: Option<Arc<Directory>>,
+    /// With `[cluster]`: the fleet's client channels and event stream, so that a
+    /// desktop moved from another replica keeps its channel and misses nothing.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Downstream {
@@ -168,7 +170,7 @@ impl Downstream {
 
     /// Client channel `id`: this replica's, or (with `[cluster]`) one the fleet's
     /// directory lists, taken over for `peer`: its topics subscribed here, and its
-    /// next socket told of the gap since a socket last held it.
+    /// next socket replayed what followed its position in the event stream.
     async fn channel(
         &self,
         id: &str,
@@ -179,8 +181,8 @@ impl Downstream {
             return Ok(channel);
         }
         let not_found = || ClientError::not_found(format!("Channel {id} not found"));
-        let directory = self.directory.as_ref().ok_or_else(not_found)?;
-        let listing = match directory.find(id).await {
+        let fleet = self.fleet.as_ref().ok_or_else(not_found)?;
+        let listing = match fleet.directory.find(id).await {
             Ok(Some(listing)) => listing,
             Ok(None) => return Err(not_found()),
             Err(_) => {
@@ -202,19 +204,27 @@ impl Downstream {
             // Another request took it over meanwhile.
             return self.sessions.get(id).ok_or_else(not_found);
         };
-        channel.outbox.missed_from(listing.seen);
+        if listing.position == crate::router::NOT_IN_STREAM {
+            // Served nothing from the stream (a replica that could not reach Redis
+            // listed it): nothing to replay from, only a gap to tell of.
+            channel.outbox.missed_from(listing.seen);
+        } else {
+            channel.outbox.serve_from(listing.position);
+        }
         let mut owner = CloseOnDrop {
             sessions: self.sessions.clone(),
             tasks: self.tasks.clone(),
             id: Some(channel.id.clone()),
         };
         if !listing.topics.is_empty() {
-            let topics = listing.topics.into_iter().collect();
+            let topics = listing.topics.iter().cloned().collect();
             self.subscriptions
                 .change(peer, &channel, Change::Replace(topics), true)
                 .await?;
         }
         owner.id = None;
+        // Its topics are live here now, and the channel is this replica's.
+        self.list(&channel).await;
         tracing::info!(
             target: AUDIT,
             %peer,
@@ -222,6 +232,10 @@ impl Downstream {
             topics = channel.topics().len(),
             "client channel taken over from another replica"
         );
+        if listing.owner != fleet.store.replica && !listing.topics.is_empty() {
+            self.tasks
+                .spawn(tell_if_orphaned(fleet.clone(), channel.clone(), listing));
+        }
         Ok(channel)
     }
 
@@ -231,8 +245,8 @@ impl Downstream {
         if self.sessions.get(id).is_some() {
             return true;
         }
-        match &self.directory {
-            Some(directory) => matches!(directory.find(id).await, Ok(Some(_))),
+        match &self.fleet {
+            Some(fleet) => matches!(fleet.directory.find(id).await, Ok(Some(_))),
             None => false,
         }
     }
@@ -240,10 +254,21 @@ impl Downstream {
     /// Lists `channel` (its topics now) in the fleet's directory, if there is one. A
     /// Redis that fails only costs a desktop moved elsewhere its channel.
     async fn list(&self, channel: &ClientChannel) {
-        if let Some(directory) = &self.directory
-            && let Err(error) = directory.list(&channel.id, &channel.topics()).await
+        if let Some(fleet) = &self.fleet
+            && let Err(error) = fleet
+                .directory
+                .list(&channel.id, &channel.topics(), channel.outbox.served_to())
+                .await
         {
             tracing::debug!(%error, "client channel not listed in the fleet's directory");
+        }
+    }
+
+    /// A new channel is served from the fleet's stream as it stands: what its topics
+    /// get before its first socket opens is replayed to that socket.
+    fn start_in_stream(&self, channel: &ClientChannel) {
+        if let Some(fleet) = &self.fleet {
+            channel.outbox.serve_from(fleet.bus.cursor());
         }
     }
 
@@ -268,6 +293,7 @@ impl Downstream {
             &config.limits,
             config.server.client_idle,
         )?;
+        self.start_in_stream(&channel);
         self.list(&channel).await;
         Ok(json(
             StatusCode::OK,
@@ -351,6 +377,7 @@ impl Downstream {
             &config.limits,
             config.server.client_idle,
         )?;
+        self.start_in_stream(&channel);
         // Whatever happens to this request from here on (an error, or the desktop
         // going away mid-subscribe), the channel closes with it unless its socket
         // takes it over.
@@ -382,8 +409,17 @@ impl Downstream {
         let (response, pending) = ws::accept(req).map_err(|refused| {
             ClientError::new(StatusCode::BAD_REQUEST, "bad.request", refused.to_string())
         })?;
-        let (generation, outbox, missed_since) = channel.outbox.attach();
-        if let Some(from) = missed_since {
+        // With the fleet, the socket attaches between two batches of the stream's
+        // entries: what came before `live_from` since the session's position is
+        // replayed to it first.
+        let (attachment, live_from) = match &self.fleet {
+            Some(fleet) => {
+                let (attachment, live_from) = fleet.bus.attach(&channel.outbox);
+                (attachment, Some((fleet.clone(), live_from)))
+            }
+            None => (channel.outbox.attach(), None),
+        };
+        if let Some(from) = attachment.missed_since {
             // Events for this channel were dropped while it had no socket (or a too
             // slow one): say so first, so that the client can backfill over REST.
             let topics = channel.topics();
@@ -399,9 +435,15 @@ impl Downstream {
             heartbeat: self.config.load().server.heartbeat,
             shutdown: self.shutdown.clone(),
             drain: self.drain.clone(),
+            directory: self
+                .fleet
+                .as_ref()
+                .filter(|_| !ephemeral)
+                .map(|fleet| fleet.directory.clone()),
         };
         let sessions = self.sessions.clone();
-        let directory = self.directory.clone().filter(|_| !ephemeral);
+        let (generation, frames, served) =
+            (attachment.generation, attachment.frames, attachment.served);
         // The 101 must be written within the header read timeout too: a peer that
         // does not read it does not hold a socket slot.
         let handshake = config.server.header_read_timeout;
@@ -409,14 +451,11 @@ impl Downstream {
             let _slot = slot;
             match tokio::time::timeout(handshake, pending.open()).await {
                 Ok(Ok(socket)) => {
-                    let served_until = client.serve(socket, generation, outbox).await;
-                    // Where the desktop reconnects (another replica, after a drain),
-                    // the gap it hears of starts here.
-                    if let Some(directory) = directory {
-                        let _ = directory
-                            .seen(std::slice::from_ref(&channel.id), served_until)
-                            .await;
-                    }
+                    let replay = match &live_from {
+                        Some((fleet, to)) => replay(fleet, &channel, served, *to).await,
+                        None => Vec::new(),
+                    };
+                    client.serve(socket, generation, frames, replay).await;
                 }
                 _ => channel.outbox.detach(generation),
             }
@@ -446,9 +485,74 @@ pub async fn keep_listed(
         // enough (a socket's end says exactly).
         let served_until = std::time::SystemTime::now() - LISTING_REFRESH;
         let _ = directory
-            .seen(&sessions.connected_ids(), served_until)
+            .seen(&sessions.connected_positions(), served_until)
             .await;
     }
+}
+
+/// What channel `channel` missed from the fleet's stream after `after` up to `to`
+/// (where its socket's live frames begin): the entries on its topics, after a gap
+/// notice for whatever the stream no longer holds.
+async fn replay(
+    fleet: &Fleet,
+    channel: &ClientChannel,
+    after: Offset,
+    to: Offset,
+) -> Vec<QueuedFrame> {
+    let topics = channel.topics();
+    let event_topics = topics
+        .iter()
+        .flat_map(|t| crate::topic::expansion(t))
+        .collect();
+    let named: Vec<&str> = topics.iter().map(String::as_str).collect();
+    match fleet.bus.history(after, to, &event_topics).await {
+        Ok(history) => {
+            let mut frames = Vec::with_capacity(history.frames.len() + 1);
+            if let Some((from, to)) = history.lost {
+                frames.push((crate::router::NOT_IN_STREAM, gap_frame(from, to, &named)));
+            }
+            frames.extend(history.frames);
+            frames
+        }
+        // Redis cannot be asked: what followed the position is a gap.
+        Err(error) => {
+            tracing::warn!(%error, "the fleet's stream cannot be read: a reconnected desktop hears of a gap instead of a replay");
+            vec![(
+                crate::router::NOT_IN_STREAM,
+                gap_frame(crate::fleet::bus::time_of(after), SystemTime::now(), &named),
+            )]
+        }
+    }
+}
+
+/// A channel taken over from `listing.owner`, once its topics are live here: if that
+/// replica did not outlive this moment (it crashed, or let go of its topics), what
+/// the topics got between its last beat and now may never have reached the stream,
+/// and the desktop hears of that span.
+async fn tell_if_orphaned(
+    fleet: Arc<Fleet>,
+    channel: Arc<ClientChannel>,
+    listing: crate::fleet::directory::Listing,
+) {
+    if listing.owner.is_empty() {
+        return;
+    }
+    let Err(last_beat) = fleet.presence.outlived(&listing.owner).await else {
+        return;
+    };
+    // From the earlier of its last beat and its last word on this channel: an event
+    // it took in just before it died may not have been appended yet.
+    let since = last_beat.map_or(listing.seen, |beat| beat.min(listing.seen));
+    let topics = channel.topics();
+    let named: Vec<&str> = topics.iter().map(String::as_str).collect();
+    tracing::info!(
+        target: AUDIT,
+        session = channel.session,
+        "client channel taken over from a replica that is gone: its desktop hears of a gap"
+    );
+    channel
+        .outbox
+        .unwritten_since(since, |since| gap_frame(since, SystemTime::now(), &named));
 }
 
 /// A request's line in the access log, written when the request ends: with its

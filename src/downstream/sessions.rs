@@ -211,6 +211,16 @@ impl Sessions {
             .collect()
     }
 
+    /// The client channels with a socket open, with how far in the fleet's stream
+    /// each was served.
+    pub fn connected_positions(&self) -> Vec<(String, crate::router::Offset)> {
+        self.channels
+            .iter()
+            .filter(|c| c.outbox.is_attached())
+            .map(|c| (c.id.clone(), c.outbox.served_to()))
+            .collect()
+    }
+
     /// Client channels with a socket open.
     pub fn connected(&self) -> usize {
         self.channels

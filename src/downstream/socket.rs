@@ -31,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 use super::sessions::{Change, ClientChannel};
 use super::subscribe::Subscriptions;
 use crate::drain::Drain;
+use crate::fleet::directory::Directory;
 use crate::frame;
-use crate::router::gap_frame;
+use crate::router::{NOT_IN_STREAM, Offset, QueuedFrame, gap_frame};
 use crate::ws::ServerSocket;
 
 /// Most frames written before one flush, so that a burst costs few syscalls.
@@ -55,6 +56,10 @@ pub struct ClientSocket {
     pub heartbeat: Duration,
     pub shutdown: CancellationToken,
     pub drain: Arc<Drain>,
+    /// With `[cluster]` (and a channel that outlives its socket): the fleet's
+    /// directory hears how far the socket served the channel before the desktop is
+    /// told to go, so that wherever it reconnects it is replayed from there.
+    pub directory: Option<Arc<Directory>>,
 }
 
 /// A text frame from a client, as far as the proxy cares.
@@ -108,15 +113,27 @@ enum End {
 type Answer = Pin<Box<dyn Future<Output = Utf8Bytes> + Send>>;
 
 impl ClientSocket {
-    /// Serves the socket until it ends; returns until when every frame for the
-    /// channel reached it (frames after that went elsewhere or were missed).
+    /// Serves the socket until it ends: first `replay` (what the session missed, from
+    /// the fleet's stream), then its live frames.
     pub async fn serve(
         self,
         mut socket: ServerSocket,
         generation: u64,
-        mut outbox: mpsc::Receiver<Utf8Bytes>,
-    ) -> SystemTime {
+        mut outbox: mpsc::Receiver<QueuedFrame>,
+        replay: Vec<QueuedFrame>,
+    ) {
         self.channel.socket_opened();
+        let mut unwritten_direct = false;
+        let mut write_failed = false;
+        for chunk in replay.chunks(BATCH) {
+            let mut written = Written::default();
+            let mut frames = chunk.iter().cloned();
+            if !within_stall(write_frames(&mut socket, &mut frames, &mut written)).await {
+                write_failed = true;
+                break;
+            }
+            self.channel.outbox.written(generation, written.offset);
+        }
         let mut heartbeats =
             tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -125,12 +142,14 @@ impl ClientSocket {
         // Frames queued after this may not have reached the client if the socket ends
         // before the next successful write.
         let mut written_until = SystemTime::now();
-        let mut write_failed = false;
         // When the proxy stops, this socket closes at its own turn within the drain.
         let _open = self.drain.open_socket();
         let drain_turn = self.drain.turn();
         tokio::pin!(drain_turn);
         let end = loop {
+            if write_failed {
+                break End::Gone;
+            }
             if in_progress.is_none()
                 && let Some((topics, correlation_id)) = queued.pop_front()
             {
@@ -146,10 +165,16 @@ impl ClientSocket {
                             End::Close(CloseCode::Again, "client too slow: reconnect")
                         };
                     };
-                    if !within_stall(write_batch(&mut socket, first, &mut outbox)).await {
+                    let mut written = Written::default();
+                    let mut frames = std::iter::once(first)
+                        .chain(std::iter::from_fn(|| outbox.try_recv().ok()))
+                        .take(BATCH);
+                    if !within_stall(write_frames(&mut socket, &mut frames, &mut written)).await {
+                        unwritten_direct = written.direct;
                         write_failed = true;
                         break End::Gone;
                     }
+                    self.channel.outbox.written(generation, written.offset);
                     if outbox.is_empty() {
                         written_until = SystemTime::now();
                     }
@@ -201,15 +226,25 @@ impl ClientSocket {
         // before its next socket, and that socket hears of it).
         self.channel.outbox.detach(generation);
         let unwritten = write_failed || !outbox.is_empty();
+        // Of the frames it never wrote, those from the fleet's stream are replayed to
+        // the next socket; only the others (all of them without `[cluster]`) are a
+        // gap to tell of.
+        while let Ok((offset, _)) = outbox.try_recv() {
+            unwritten_direct |= offset == NOT_IN_STREAM;
+        }
         let served_until = if unwritten {
             written_until
         } else {
             SystemTime::now()
         };
+        if let Some(directory) = &self.directory {
+            let served = [(self.channel.id.clone(), self.channel.outbox.served_to())];
+            let _ = directory.seen(&served, served_until).await;
+        }
         close(&mut socket, end).await;
         // Frames queued for this socket and never written are lost to it: the
         // session hears of the gap (on its newer socket, or its next one).
-        if unwritten {
+        if unwritten_direct {
             let topics = self.channel.topics();
             let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
             self.channel.outbox.unwritten_since(written_until, |since| {
@@ -217,7 +252,6 @@ impl ClientSocket {
             });
         }
         self.channel.socket_closed();
-        served_until
     }
 
     /// Carries out one in-band subscribe and builds its answer. The change itself
@@ -288,17 +322,29 @@ async fn within_stall<E>(write: impl Future<Output = Result<(), E>>) -> bool {
     }
 }
 
-async fn write_batch(
+/// What a batch of writes got through.
+#[derive(Default)]
+struct Written {
+    /// The stream position of the last frame from the stream fed.
+    offset: Offset,
+    /// Whether a frame no stream holds was among those fed.
+    direct: bool,
+}
+
+/// Feeds `frames` and flushes them; `written` says what was fed (all of it reached
+/// the client if this succeeds).
+async fn write_frames(
     socket: &mut ServerSocket,
-    first: Utf8Bytes,
-    outbox: &mut mpsc::Receiver<Utf8Bytes>,
+    frames: &mut impl Iterator<Item = QueuedFrame>,
+    written: &mut Written,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    socket.feed(Message::Text(first)).await?;
-    for _ in 1..BATCH {
-        match outbox.try_recv() {
-            Ok(frame) => socket.feed(Message::Text(frame)).await?,
-            Err(_) => break,
+    for (offset, frame) in frames {
+        if offset == NOT_IN_STREAM {
+            written.direct = true;
+        } else {
+            written.offset = offset;
         }
+        socket.feed(Message::Text(frame)).await?;
     }
     socket.flush().await
 }

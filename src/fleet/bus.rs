@@ -9,11 +9,17 @@
 //!   the stream with one blocking `XREAD` of up to [`READ_COUNT`] entries at a time,
 //!   and fans out to its desktops in memory. Redis work grows with events (one stream
 //!   entry and one dedup key each) and replicas (one reader each), not with desktops.
+//! - **Replay.** Each frame carries its entry's position ([`offset`]), each session
+//!   how far it was served; a socket that attaches (on any replica) under the
+//!   reader's routing lock learns where its live frames begin, and is first replayed
+//!   the entries in between that name its topics ([`Bus::history`]), in order, once.
+//!   Only what the stream no longer holds (trimmed by its length bound) is a gap.
 //! - **Redis failing.** While Redis fails, events go straight to this replica's own
 //!   desktops (as without `[cluster]`; the router's own dedup window catches an event
 //!   that was published after all), and nothing is kept. The reader resumes from the
 //!   last entry it routed, so it catches up on what the others published meanwhile.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -25,10 +31,10 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::store::Store;
+use super::store::{Store, StoreError};
 use crate::backoff::Backoff;
 use crate::metrics::Registry;
-use crate::router::Router;
+use crate::router::{Attachment, NOT_IN_STREAM, Offset, Outbox, QueuedFrame, Router};
 use crate::upstream::Delivery;
 
 /// Events per publish call at most.
@@ -74,6 +80,9 @@ pub struct Bus {
     publish: Script,
     /// The reader is connected and reading (events routed from the stream flow).
     reading: AtomicBool,
+    /// The position of the last entry routed from the stream; held while a batch of
+    /// entries is routed, so that a socket attaches either before or after each.
+    routing: Mutex<Offset>,
     published: Counter,
     delivered_directly: Counter,
 }
@@ -88,6 +97,7 @@ impl Bus {
             wake: Notify::new(),
             publish: Script::new(PUBLISH),
             reading: AtomicBool::new(false),
+            routing: Mutex::new(NOT_IN_STREAM),
             published: Counter::default(),
             delivered_directly: Counter::default(),
         })
@@ -160,7 +170,6 @@ impl Bus {
     /// desktops, until `shutdown`; reconnects (and resumes after the last entry
     /// routed) when Redis fails.
     pub async fn read(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut last: Option<String> = None;
         let mut backoff = Backoff::new();
         loop {
             let connected = tokio::select! {
@@ -176,9 +185,9 @@ impl Bus {
                     }
                 }
             };
-            if last.is_none() {
+            if self.cursor() == NOT_IN_STREAM {
                 match self.stream_end(&mut connection).await {
-                    Ok(end) => last = Some(end),
+                    Ok(end) => *self.routing() = end,
                     Err(_) => {
                         tokio::select! {
                             _ = tokio::time::sleep(backoff.next_wait()) => continue,
@@ -193,7 +202,7 @@ impl Bus {
                 .block(READ_BLOCK.as_millis() as usize);
             loop {
                 let keys = [self.store.keys.events()];
-                let from = [last.clone().unwrap_or_else(|| "0-0".into())];
+                let from = [stream_id(self.cursor())];
                 let read = tokio::select! {
                     read = redis::AsyncCommands::xread_options::<_, _, StreamReadReply>(
                         &mut connection,
@@ -207,10 +216,11 @@ impl Bus {
                     break;
                 };
                 backoff = Backoff::new();
-                for stream in reply.keys {
-                    for entry in stream.ids {
-                        self.route_entry(&entry);
-                        last = Some(entry.id);
+                let mut cursor = self.routing();
+                for entry in reply.keys.iter().flat_map(|stream| &stream.ids) {
+                    if let Some(at) = offset(&entry.id) {
+                        self.route_entry(at, entry);
+                        *cursor = at;
                     }
                 }
             }
@@ -223,11 +233,96 @@ impl Bus {
         }
     }
 
-    /// The id of the stream's last entry ("0-0" for none): reading starts after it.
+    fn routing(&self) -> MutexGuard<'_, Offset> {
+        self.routing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The position of the last entry routed to this replica's desktops
+    /// ([`NOT_IN_STREAM`] before the reader's first read).
+    pub fn cursor(&self) -> Offset {
+        *self.routing()
+    }
+
+    /// Whether the reader found its place in the stream, or Redis fails (the replica
+    /// then serves without the stream, and says so).
+    pub fn settled(&self) -> bool {
+        self.cursor() != NOT_IN_STREAM || !self.store.is_up()
+    }
+
+    /// Attaches a socket to `outbox` between two batches of routed entries: its live
+    /// frames are the entries after the position returned.
+    pub fn attach(&self, outbox: &Outbox) -> (Attachment, Offset) {
+        let cursor = self.routing();
+        (outbox.attach(), *cursor)
+    }
+
+    /// The entries after `after` up to `to` whose topic is one of `topics`, in order,
+    /// and what the stream no longer holds of that range.
+    pub async fn history(
+        &self,
+        after: Offset,
+        to: Offset,
+        topics: &HashSet<String>,
+    ) -> Result<History, StoreError> {
+        let mut history = History::default();
+        if after == NOT_IN_STREAM || after >= to {
+            return Ok(history);
+        }
+        let key = self.store.keys.events();
+        let exists: bool = self.store.command(redis::cmd("EXISTS").arg(&key)).await?;
+        let trimmed = if exists {
+            let mut info = redis::cmd("XINFO");
+            info.arg("STREAM").arg(&key);
+            let info: HashMap<String, redis::Value> = self.store.command(&info).await?;
+            info.get("max-deleted-entry-id")
+                .and_then(|id| redis::from_redis_value_ref::<String>(id).ok())
+                .and_then(|id| offset(&id))
+                .unwrap_or(NOT_IN_STREAM)
+        } else {
+            // No stream at all (Redis lost it): whatever it held is gone.
+            to
+        };
+        if trimmed > after {
+            history.lost = Some((time_of(after), time_of(trimmed.min(to))));
+        }
+        let mut from = after;
+        loop {
+            let mut range = redis::cmd("XRANGE");
+            range
+                .arg(&key)
+                .arg(format!("({}", stream_id(from)))
+                .arg(stream_id(to))
+                .arg("COUNT")
+                .arg(READ_COUNT);
+            let page: redis::streams::StreamRangeReply = self.store.command(&range).await?;
+            let Some(last) = page.ids.last().and_then(|entry| offset(&entry.id)) else {
+                break;
+            };
+            for entry in &page.ids {
+                let (Some(at), Some(topic), Some(frame)) = (
+                    offset(&entry.id),
+                    entry.get::<String>("t"),
+                    entry.get::<String>("f"),
+                ) else {
+                    continue;
+                };
+                if topics.contains(&topic) {
+                    history.frames.push((at, Utf8Bytes::from(frame)));
+                }
+            }
+            if page.ids.len() < READ_COUNT || last >= to {
+                break;
+            }
+            from = last;
+        }
+        Ok(history)
+    }
+
+    /// The position of the stream's last entry: reading starts after it.
     async fn stream_end(
         &self,
         connection: &mut redis::aio::MultiplexedConnection,
-    ) -> Result<String, super::store::StoreError> {
+    ) -> Result<Offset, super::store::StoreError> {
         let newest: Result<redis::streams::StreamRangeReply, redis::RedisError> =
             redis::AsyncCommands::xrevrange_count(
                 connection,
@@ -238,21 +333,62 @@ impl Bus {
             )
             .await;
         let newest = self.store.observed(newest.map_err(Into::into))?;
+        // An empty stream: from its very start.
         Ok(newest
             .ids
             .first()
-            .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone()))
+            .and_then(|entry| offset(&entry.id))
+            .unwrap_or(FIRST))
     }
 
-    fn route_entry(&self, entry: &redis::streams::StreamId) {
+    fn route_entry(&self, at: Offset, entry: &redis::streams::StreamId) {
         let field = |name: &str| entry.get::<String>(name);
         let (Some(topic), Some(frame)) = (field("t"), field("f")) else {
             return;
         };
         let correlation = field("c").filter(|c| !c.is_empty());
         self.router
-            .route(&topic, correlation.as_deref(), &Utf8Bytes::from(frame));
+            .route_at(at, &topic, correlation.as_deref(), &Utf8Bytes::from(frame));
     }
+}
+
+/// What a socket missed, from the stream.
+#[derive(Default)]
+pub struct History {
+    pub frames: Vec<QueuedFrame>,
+    /// The stream no longer holds its entries in this span (its length bound trimmed
+    /// them): they are a gap.
+    pub lost: Option<(SystemTime, SystemTime)>,
+}
+
+/// Bits of an [`Offset`] for the sequence number within a millisecond.
+const SEQUENCE_BITS: u32 = 20;
+/// The position before any entry (stream id `0-1` is the first Redis can give).
+const FIRST: Offset = 1;
+
+/// The position of stream entry `id` (`<ms>-<seq>`): ordered as the ids are, never
+/// [`NOT_IN_STREAM`]. `None` for an id this scheme cannot hold.
+pub fn offset(id: &str) -> Option<Offset> {
+    let (ms, sequence) = id.split_once('-')?;
+    let (ms, sequence): (u64, u64) = (ms.parse().ok()?, sequence.parse().ok()?);
+    if ms >= 1 << (64 - SEQUENCE_BITS) || sequence >= 1 << SEQUENCE_BITS {
+        return None;
+    }
+    Some((ms << SEQUENCE_BITS | sequence).max(FIRST))
+}
+
+/// The stream id at position `offset`.
+pub fn stream_id(offset: Offset) -> String {
+    format!(
+        "{}-{}",
+        offset >> SEQUENCE_BITS,
+        offset & ((1 << SEQUENCE_BITS) - 1)
+    )
+}
+
+/// When the entry at `offset` was appended (by Redis' clock).
+pub fn time_of(offset: Offset) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(offset >> SEQUENCE_BITS)
 }
 
 impl Delivery for Bus {
@@ -275,5 +411,37 @@ impl Delivery for Bus {
     fn gap(&self, topics: &[String], from: SystemTime, to: SystemTime) {
         // Each replica carries its own desktops' topics: the gap is this replica's.
         self.router.notify_gap(topics, from, to);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn offsets_order_as_stream_ids_do(
+            a in (1u64..1 << 43, 0u64..1 << 20),
+            b in (1u64..1 << 43, 0u64..1 << 20),
+        ) {
+            let (id_a, id_b) = (format!("{}-{}", a.0, a.1), format!("{}-{}", b.0, b.1));
+            let (at_a, at_b) = (offset(&id_a).unwrap(), offset(&id_b).unwrap());
+            prop_assert_eq!(at_a.cmp(&at_b), a.cmp(&b));
+            prop_assert_ne!(at_a, NOT_IN_STREAM);
+            prop_assert_eq!(stream_id(at_a), id_a);
+        }
+    }
+
+    #[test]
+    fn ids_outside_the_scheme_have_no_offset() {
+        assert_eq!(offset("nonsense"), None);
+        assert_eq!(offset("1-"), None);
+        assert_eq!(offset(&format!("1-{}", 1u64 << 20)), None);
+        assert_eq!(offset("1700000000000-3"), Some(1_700_000_000_000 << 20 | 3));
+        assert_eq!(
+            time_of(offset("1700000000000-3").unwrap()),
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000)
+        );
     }
 }

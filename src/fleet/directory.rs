@@ -4,8 +4,10 @@
 //!
 //! A desktop moved to another replica (a drain, a crash) reconnects with the channel
 //! id it had: that replica takes the channel over from here instead of answering
-//! 404, subscribes its topics, and tells the desktop of the gap since its last
-//! socket (replaying it from the event stream is the next step).
+//! 404, subscribes its topics, and replays its next socket what followed the
+//! listing's `position` in the event stream. The listing names its `owner`, the
+//! replica that serves it now: a draining replica waits for the channels it closed
+//! to have another owner before it lets go of their topics upstream.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,10 +17,13 @@ use arc_swap::ArcSwap;
 
 use super::store::{Store, StoreError};
 use crate::config::Config;
+use crate::router::{NOT_IN_STREAM, Offset};
 
 /// Hash fields.
 const TOPICS: &str = "topics";
 const SEEN: &str = "seen";
+const POSITION: &str = "position";
+const OWNER: &str = "owner";
 
 /// What the directory holds of a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +32,10 @@ pub struct Listing {
     /// When a socket last held it (a replica refreshes this every second while one
     /// does).
     pub seen: SystemTime,
+    /// How far in the event stream its sockets were served (as of `seen`).
+    pub position: Offset,
+    /// The replica that serves it.
+    pub owner: String,
 }
 
 pub struct Directory {
@@ -47,36 +56,56 @@ impl Directory {
         self.config.load().server.client_idle + Duration::from_secs(1)
     }
 
-    /// Lists channel `id` with its `topics` (seen now, if new), or relists it with
-    /// new ones.
-    pub async fn list(&self, id: &str, topics: &BTreeSet<String>) -> Result<(), StoreError> {
+    /// Lists channel `id` with its `topics` as this replica's (seen now at stream
+    /// `position`, if new), or relists it with new ones.
+    pub async fn list(
+        &self,
+        id: &str,
+        topics: &BTreeSet<String>,
+        position: Offset,
+    ) -> Result<(), StoreError> {
         let topics = serde_json::to_string(topics).unwrap_or_else(|_| "[]".into());
         let key = self.store.keys.channel(id);
         let mut pipe = redis::pipe();
         pipe.hset(&key, TOPICS, topics)
             .ignore()
+            .hset(&key, OWNER, &self.store.replica)
+            .ignore()
             // A new listing is seen now; a relisting keeps what its socket said.
             .hset_nx(&key, SEEN, ms(SystemTime::now()))
+            .ignore()
+            .hset_nx(&key, POSITION, position)
             .ignore()
             .pexpire(&key, self.lifetime().as_millis() as i64)
             .ignore();
         self.store.pipe(&pipe).await
     }
 
-    /// Channels `ids` had every frame reach their socket until `until`; their
-    /// listings are kept.
-    pub async fn seen(&self, ids: &[String], until: SystemTime) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    /// Channels `served` (id, stream position) had every frame reach their socket
+    /// until `until`, and up to that position; their listings are kept.
+    pub async fn seen(
+        &self,
+        served: &[(String, Offset)],
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        if served.is_empty() {
             return Ok(());
         }
         let (now, lifetime) = (ms(until).to_string(), self.lifetime().as_millis() as i64);
         let mut pipe = redis::pipe();
-        for id in ids {
+        for (id, position) in served {
             let key = self.store.keys.channel(id);
-            pipe.hset(&key, SEEN, &now)
-                .ignore()
-                .pexpire(&key, lifetime)
-                .ignore();
+            pipe.hset_multiple(
+                &key,
+                &[
+                    (SEEN, now.clone()),
+                    (POSITION, position.to_string()),
+                    (OWNER, self.store.replica.clone()),
+                ],
+            )
+            .ignore()
+            .pexpire(&key, lifetime)
+            .ignore();
         }
         self.store.pipe(&pipe).await
     }
@@ -87,15 +116,38 @@ impl Directory {
         pipe.cmd("HMGET")
             .arg(self.store.keys.channel(id))
             .arg(TOPICS)
-            .arg(SEEN);
-        let (fields,): ((Option<String>, Option<u64>),) = self.store.pipe(&pipe).await?;
-        let (Some(topics), Some(seen)) = fields else {
+            .arg(SEEN)
+            .arg(POSITION)
+            .arg(OWNER);
+        type Fields = (Option<String>, Option<u64>, Option<u64>, Option<String>);
+        let (fields,): (Fields,) = self.store.pipe(&pipe).await?;
+        let (Some(topics), Some(seen), position, owner) = fields else {
             return Ok(None);
         };
         Ok(Some(Listing {
             topics: serde_json::from_str(&topics).unwrap_or_default(),
             seen: SystemTime::UNIX_EPOCH + Duration::from_millis(seen),
+            position: position.unwrap_or(NOT_IN_STREAM),
+            owner: owner.unwrap_or_default(),
         }))
+    }
+
+    /// Which of channels `ids` are still listed as this replica's.
+    pub async fn still_mine(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hget(self.store.keys.channel(id), OWNER);
+        }
+        let owners: Vec<Option<String>> = self.store.pipe(&pipe).await?;
+        Ok(ids
+            .iter()
+            .zip(owners)
+            .filter(|(_, owner)| owner.as_deref() == Some(self.store.replica.as_str()))
+            .map(|(id, _)| id.clone())
+            .collect())
     }
 
     /// Channel `id` is gone for good (a `/stream` socket's channel ends with it).

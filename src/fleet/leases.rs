@@ -134,7 +134,7 @@ pub struct FleetLeases {
 
 impl FleetLeases {
     pub fn new(store: Arc<Store>, config: Arc<ArcSwap<Config>>) -> Arc<Self> {
-        let replica = format!("{:016x}", rand::random::<u64>());
+        let replica = store.replica.clone();
         tracing::info!(
             replica,
             "this replica takes its channels' leases from the fleet's budget in Redis"

@@ -15,7 +15,9 @@
 //! | `leases` | sorted set | `<replica>/<channel>` → when the lease lapses (ms, Redis' clock): the build's deadline, then the channel's token expiry |
 //! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; about `history_max_len` kept |
 //! | `seen:<topic>\|<CorrelationId>` | string | an event's claim, expiring after the dedup window |
-//! | `c:<channel id>` | hash | a client channel's `topics` (JSON) and when a socket last held it (`seen`, ms); lapses `client_idle` after that |
+//! | `c:<channel id>` | hash | a client channel's `topics` (JSON), when a socket last held it (`seen`, ms), how far in `events` it was served (`position`) and the replica that serves it (`owner`); lapses `client_idle` after `seen` |
+//! | `replicas` | sorted set | the replicas that take desktops (ready, not draining) → their last beat (ms) |
+//! | `r:<replica>` | string | a replica's heartbeat: its clock (ms) at its last beat, every 250 ms, lapsing after 3 s |
 //! | `ledger` | string | when this Redis started keeping the leases (ms); its absence means Redis lost them |
 //!
 //! Leases lapse by themselves: a replica that dies leaves its channels alive at
@@ -24,6 +26,7 @@
 pub mod bus;
 pub mod directory;
 pub mod leases;
+pub mod presence;
 pub mod store;
 
 use std::sync::Arc;
@@ -37,12 +40,16 @@ use crate::config::{ClusterConfig, Config};
 use crate::metrics::Registry;
 use crate::router::Router;
 
+/// How often a draining replica looks whether its channels have other owners.
+const HAND_OVER_POLL: Duration = Duration::from_millis(100);
+
 /// The fleet's parts in one replica, running.
 pub struct Fleet {
     pub store: Arc<store::Store>,
     pub leases: Arc<leases::FleetLeases>,
     pub bus: Arc<bus::Bus>,
     pub directory: Arc<directory::Directory>,
+    pub presence: Arc<presence::Presence>,
 }
 
 impl Fleet {
@@ -63,6 +70,8 @@ impl Fleet {
         let store = store::Store::connect(cluster)?;
         let leases = leases::FleetLeases::new(store.clone(), config.clone());
         let directory = directory::Directory::new(store.clone(), config);
+        let presence = presence::Presence::new(store.clone());
+        tasks.spawn(presence.clone().beat(shutdown.clone()));
         tasks.spawn(leases.clone().maintain(shutdown.clone()));
         let bus = bus::Bus::new(store.clone(), router, cluster.history_max_len);
         tasks.spawn(bus.clone().write(dedup_window, shutdown.clone()));
@@ -72,7 +81,26 @@ impl Fleet {
             leases,
             bus,
             directory,
+            presence,
         })
+    }
+
+    /// Waits until none of channels `ids` (those a drain closed) is listed as this
+    /// replica's any more: their desktops reconnected elsewhere and that replica
+    /// carries their topics. Then stops beating: the caller lets go of the topics.
+    /// The caller bounds the wait (a desktop may never come back); it ends early
+    /// when no other replica takes desktops.
+    pub async fn hand_over(&self, mut ids: Vec<String>) {
+        while !ids.is_empty() && self.presence.others_accepting().await {
+            if let Ok(left) = self.directory.still_mine(&ids).await {
+                ids = left;
+                if ids.is_empty() {
+                    break;
+                }
+            }
+            tokio::time::sleep(HAND_OVER_POLL).await;
+        }
+        self.presence.retire().await;
     }
 
     pub fn register_metrics(&self, registry: &mut Registry) {

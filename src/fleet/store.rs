@@ -64,6 +64,16 @@ impl Keys {
         format!("{}c:{id}", self.prefix)
     }
 
+    /// A replica's heartbeat: its clock (ms) at its last beat, lapsing soon after.
+    pub fn alive(&self, replica: &str) -> String {
+        format!("{}r:{replica}", self.prefix)
+    }
+
+    /// The replicas that take desktops → their last beat (ms).
+    pub fn replicas(&self) -> String {
+        format!("{}replicas", self.prefix)
+    }
+
     /// When this Redis started keeping the ledger (ms): absent after Redis lost it.
     pub fn ledger(&self) -> String {
         format!("{}ledger", self.prefix)
@@ -77,6 +87,9 @@ pub struct Store {
     /// behind them on the shared one).
     client: redis::Client,
     pub keys: Keys,
+    /// This process' name in the fleet (random at each start: a restarted replica is
+    /// a new one).
+    pub replica: String,
     up: AtomicBool,
     errors: Counter,
     calls: Counter,
@@ -126,6 +139,7 @@ impl Store {
             connection,
             client,
             keys: Keys::new(&config.key_prefix),
+            replica: format!("{:016x}", rand::random::<u64>()),
             up: AtomicBool::new(true),
             errors: Counter::default(),
             calls: Counter::default(),
@@ -186,6 +200,17 @@ impl Store {
 
     /// Notes the outcome of a command run on a connection of its own.
     pub fn observed<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.observe(&result);
+        result
+    }
+
+    /// Runs one command.
+    pub async fn command<T: FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        let mut connection = self.connection.clone();
+        let result = command
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::from);
         self.observe(&result);
         result
     }

@@ -1,0 +1,145 @@
+//! Which replicas are alive, so that a replica taking a desktop's channel over knows
+//! whether the one that served it kept carrying its topics until now.
+//!
+//! Each replica beats every [`BEAT`]: it writes its clock into `r:<replica>`, which
+//! lapses after [`LAPSE`]. A draining replica stops beating (and deletes the key) only
+//! once its channels have other owners, just before it lets go of its upstream
+//! channels. A replica that takes a channel over from `owner` waits, once its own
+//! subscriptions are live, for one more beat of the owner: a beat after that moment
+//! means the owner was still carrying the topics when this replica began to, so no
+//! event fell between them. No beat means the owner died (or stopped): its events
+//! from its last beat until now may never have reached the stream, and the desktop
+//! hears of that span as a gap.
+//!
+//! Replicas that take desktops (ready, not draining) are also in the sorted set
+//! `replicas`, scored by their last beat: a draining replica waits for its channels to
+//! move only while some other replica can take them, so that stopping a whole fleet
+//! does not wait out its grace period.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::store::Store;
+
+/// How often a replica beats.
+pub const BEAT: Duration = Duration::from_millis(250);
+/// How long a beat stays readable.
+const LAPSE: Duration = Duration::from_secs(3);
+/// How long a takeover waits for the owner's next beat: a few beats, so that one
+/// slow write does not make a live replica look dead.
+const BEAT_WAIT: Duration = Duration::from_millis(1500);
+
+pub struct Presence {
+    store: Arc<Store>,
+    /// Whether this replica takes desktops (it stops at the start of its drain).
+    accepting: AtomicBool,
+    /// Cancelled when this replica stops beating (retired, or shutting down).
+    stopped: CancellationToken,
+}
+
+impl Presence {
+    pub fn new(store: Arc<Store>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            accepting: AtomicBool::new(true),
+            stopped: CancellationToken::new(),
+        })
+    }
+
+    /// Beats until retired or `shutdown`.
+    pub async fn beat(self: Arc<Self>, shutdown: CancellationToken) {
+        let key = self.store.keys.alive(&self.store.replica);
+        loop {
+            let now = ms(SystemTime::now());
+            let mut beat = redis::pipe();
+            beat.cmd("SET")
+                .arg(&key)
+                .arg(now)
+                .arg("PX")
+                .arg(LAPSE.as_millis() as u64)
+                .ignore();
+            if self.accepting.load(Ordering::Acquire) {
+                beat.zadd(self.store.keys.replicas(), &self.store.replica, now)
+                    .ignore();
+            }
+            beat.zrembyscore(
+                self.store.keys.replicas(),
+                "-inf",
+                now.saturating_sub(LAPSE.as_millis() as u64),
+            )
+            .ignore();
+            let _ = self.store.pipe::<()>(&beat).await;
+            tokio::select! {
+                _ = tokio::time::sleep(BEAT) => {}
+                _ = self.stopped.cancelled() => return,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// This replica takes no more desktops (its drain began).
+    pub async fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+        let mut leave = redis::cmd("ZREM");
+        leave
+            .arg(self.store.keys.replicas())
+            .arg(&self.store.replica);
+        let _ = self.store.command::<()>(&leave).await;
+    }
+
+    /// Whether another replica takes desktops (it beat within [`LAPSE`]). Unknown
+    /// (Redis failing) counts as yes.
+    pub async fn others_accepting(&self) -> bool {
+        let since = ms(SystemTime::now()).saturating_sub(LAPSE.as_millis() as u64);
+        let mut count = redis::cmd("ZCOUNT");
+        count.arg(self.store.keys.replicas()).arg(since).arg("+inf");
+        self.store
+            .command::<u64>(&count)
+            .await
+            .is_ok_and(|others| others > 0)
+            || !self.store.is_up()
+    }
+
+    /// Stops beating for good: this replica is about to let go of its topics.
+    pub async fn retire(&self) {
+        self.stopped.cancel();
+        let _ = self
+            .store
+            .command::<()>(redis::cmd("DEL").arg(self.store.keys.alive(&self.store.replica)))
+            .await;
+    }
+
+    /// Whether `owner` beat after now (within [`BEAT_WAIT`]); if not, when it beat
+    /// last (`None` if it has no beat to read).
+    pub async fn outlived(&self, owner: &str) -> Result<(), Option<SystemTime>> {
+        let key = self.store.keys.alive(owner);
+        let read = || async {
+            self.store
+                .command::<Option<u64>>(redis::cmd("GET").arg(&key))
+                .await
+                .ok()
+                .flatten()
+        };
+        let Some(first) = read().await else {
+            return Err(None);
+        };
+        let deadline = tokio::time::Instant::now() + BEAT_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(BEAT / 2).await;
+            match read().await {
+                Some(beat) if beat != first => return Ok(()),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        Err(Some(SystemTime::UNIX_EPOCH + Duration::from_millis(first)))
+    }
+}
+
+fn ms(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
