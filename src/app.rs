@@ -191,6 +191,15 @@ impl Proxy {
             fleet: fleet.clone(),
         });
         if let Some(fleet) = &fleet {
+            let serving = downstream.clone();
+            let handler: crate::fleet::calls::Handler =
+                Arc::new(move |call| Box::pin(serving.clone().carry_out(call)));
+            tasks.spawn(
+                fleet
+                    .calls
+                    .clone()
+                    .serve(handler, tasks.clone(), shutdown.clone()),
+            );
             tasks.spawn(crate::downstream::keep_listed(
                 sessions.clone(),
                 fleet.directory.clone(),

@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -152,14 +152,10 @@ impl Downstream {
                 "channels",
                 id,
                 "subscriptions",
-            ] => {
-                let channel = self.channel(id, peer, config).await?;
-                let answer = self.subscriptions(req, peer, config, &channel).await?;
-                self.list(&channel).await;
-                Ok(answer)
-            }
+            ] => self.subscriptions(req, peer, config, id).await,
             ["channels", id] if method == Method::GET => {
                 let channel = self.channel(id, peer, config).await?;
+                self.own(&channel, peer).await;
                 let slot = self.peers.open_socket(peer, &config.limits)?;
                 self.open_socket(&mut req, channel, peer, slot, config, false)
             }
@@ -223,8 +219,6 @@ impl Downstream {
                 .await?;
         }
         owner.id = None;
-        // Its topics are live here now, and the channel is this replica's.
-        self.list(&channel).await;
         tracing::info!(
             target: AUDIT,
             %peer,
@@ -232,10 +226,6 @@ impl Downstream {
             topics = channel.topics().len(),
             "client channel taken over from another replica"
         );
-        if listing.owner != fleet.store.replica && !listing.topics.is_empty() {
-            self.tasks
-                .spawn(tell_if_orphaned(fleet.clone(), channel.clone(), listing));
-        }
         Ok(channel)
     }
 
@@ -305,13 +295,11 @@ impl Downstream {
         ))
     }
 
-    async fn subscriptions(
-        &self,
+    /// A subscription call's change (`None` for a `GET`), and its `ignoreErrors`.
+    async fn read_change(
         req: Request,
-        peer: IpAddr,
         config: &Config,
-        channel: &Arc<ClientChannel>,
-    ) -> Result<Response, ClientError> {
+    ) -> Result<(Option<Change>, bool), ClientError> {
         let method = req.method().clone();
         let ignore_errors =
             query_param(req.uri(), "ignoreErrors").is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -332,6 +320,17 @@ impl Downstream {
             }
             _ => return Err(method_not_allowed(&method)),
         };
+        Ok((change, ignore_errors))
+    }
+
+    /// Carries out a subscription call on `channel` (this replica's), and relists it.
+    async fn change_subscriptions(
+        &self,
+        peer: IpAddr,
+        channel: &Arc<ClientChannel>,
+        change: Option<Change>,
+        ignore_errors: bool,
+    ) -> Result<Vec<sessions::TopicAnswer>, ClientError> {
         let entities = match change {
             Some(change) => {
                 self.subscriptions
@@ -340,7 +339,159 @@ impl Downstream {
             }
             None => sessions::permitted(channel),
         };
+        self.list(channel).await;
+        Ok(entities)
+    }
+
+    /// A subscription call on channel `id`: carried out by the replica whose socket
+    /// serves the channel (its subscriptions live there), or here.
+    async fn subscriptions(
+        &self,
+        req: Request,
+        peer: IpAddr,
+        config: &Config,
+        id: &str,
+    ) -> Result<Response, ClientError> {
+        if let Some(owner) = self.served_elsewhere(id).await {
+            let (change, ignore_errors) = Self::read_change(req, config).await?;
+            let entities = self
+                .forward(&owner, id, peer, change, ignore_errors)
+                .await?;
+            return Ok(json(StatusCode::OK, &json!({ "entities": entities })));
+        }
+        let channel = self.channel(id, peer, config).await?;
+        self.own(&channel, peer).await;
+        let (change, ignore_errors) = Self::read_change(req, config).await?;
+        let entities = self
+            .change_subscriptions(peer, &channel, change, ignore_errors)
+            .await?;
         Ok(json(StatusCode::OK, &json!({ "entities": entities })))
+    }
+
+    /// The live replica that serves channel `id`, if it is another one.
+    async fn served_elsewhere(&self, id: &str) -> Option<String> {
+        let fleet = self.fleet.as_ref()?;
+        let listing = fleet.directory.find(id).await.ok()??;
+        let elsewhere = !listing.owner.is_empty() && listing.owner != fleet.store.replica;
+        (elsewhere && fleet.presence.is_alive(&listing.owner).await).then_some(listing.owner)
+    }
+
+    /// Has replica `owner` carry out a subscription call on channel `id`.
+    async fn forward(
+        &self,
+        owner: &str,
+        id: &str,
+        peer: IpAddr,
+        change: Option<Change>,
+        ignore_errors: bool,
+    ) -> Result<Value, ClientError> {
+        let fleet = self
+            .fleet
+            .as_ref()
+            .ok_or_else(|| ClientError::not_found(""))?;
+        let call = json!({
+            "channel": id, "peer": peer, "change": change, "ignoreErrors": ignore_errors,
+        });
+        let unavailable = || {
+            ClientError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service.unavailable",
+                "The proxy replica serving this channel did not answer: retry shortly",
+            )
+        };
+        let answer = fleet.calls.forward(owner, call).await.map_err(|error| {
+            tracing::warn!(%error, "a subscription call for a channel served by another replica failed");
+            unavailable()
+        })?;
+        if let Some(entities) = answer.get("entities") {
+            return Ok(entities.clone());
+        }
+        let error = &answer["error"];
+        let status = error["status"]
+            .as_u64()
+            .and_then(|s| StatusCode::from_u16(s as u16).ok())
+            .ok_or_else(unavailable)?;
+        let mut refused = ClientError::new(
+            status,
+            error["code"].as_str().unwrap_or("error").to_owned(),
+            error["message"].as_str().unwrap_or_default(),
+        );
+        refused.retry_after = error["retryAfterMs"]
+            .as_u64()
+            .map(std::time::Duration::from_millis);
+        Err(refused)
+    }
+
+    /// Carries out a subscription call another replica forwarded (see
+    /// [`Downstream::forward`]); the answer, or the error, as JSON.
+    pub async fn carry_out(self: Arc<Self>, call: Value) -> Value {
+        let outcome: Result<Vec<sessions::TopicAnswer>, ClientError> = async {
+            let malformed = || ClientError::bad_request("malformed call between replicas");
+            let id = call["channel"].as_str().ok_or_else(malformed)?;
+            let peer: IpAddr =
+                serde_json::from_value(call["peer"].clone()).map_err(|_| malformed())?;
+            let change: Option<Change> =
+                serde_json::from_value(call["change"].clone()).map_err(|_| malformed())?;
+            let ignore_errors = call["ignoreErrors"].as_bool().unwrap_or(false);
+            // The socket moved on meanwhile: the caller retries and finds where.
+            let channel = self.sessions.get(id).ok_or_else(|| {
+                ClientError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service.unavailable",
+                    "This channel is moving between proxy replicas: retry shortly",
+                )
+            })?;
+            self.change_subscriptions(peer, &channel, change, ignore_errors)
+                .await
+        }
+        .await;
+        match outcome {
+            Ok(entities) => json!({ "entities": entities }),
+            Err(error) => json!({ "error": {
+                "status": error.status.as_u16(),
+                "code": error.code,
+                "message": error.message,
+                "retryAfterMs": error.retry_after.map(|d| d.as_millis() as u64),
+            }}),
+        }
+    }
+
+    /// With `[cluster]`: channel `channel`, here, is served by this replica from now
+    /// on. If the directory says another replica served it last (its socket moved
+    /// here), this session takes the position and topics the directory has (a copy
+    /// left here earlier is stale), and, if that replica is gone, its desktop hears of
+    /// the span its topics may have had no carrier.
+    async fn own(&self, channel: &Arc<ClientChannel>, peer: IpAddr) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let Ok(Some(listing)) = fleet.directory.find(&channel.id).await else {
+            return;
+        };
+        if listing.owner == fleet.store.replica {
+            return;
+        }
+        channel.outbox.serve_from(listing.position);
+        if listing.topics != channel.topics() {
+            let topics = listing.topics.iter().cloned().collect();
+            if let Err(error) = self
+                .subscriptions
+                .change(peer, channel, Change::Replace(topics), true)
+                .await
+            {
+                tracing::warn!(%error, "a moved channel's topics could not all be subscribed here");
+            }
+        }
+        let _ = fleet.directory.claim(&channel.id).await;
+        if !listing.owner.is_empty() && !listing.topics.is_empty() {
+            let live_since = SystemTime::now();
+            self.tasks.spawn(tell_if_orphaned(
+                fleet.clone(),
+                channel.clone(),
+                listing,
+                live_since,
+            ));
+        }
     }
 
     /// `GET /stream?topics=a,b`: one URL, no REST dance. The topics are live upstream
@@ -525,14 +676,15 @@ async fn replay(
     }
 }
 
-/// A channel taken over from `listing.owner`, once its topics are live here: if that
-/// replica did not outlive this moment (it crashed, or let go of its topics), what
-/// the topics got between its last beat and now may never have reached the stream,
-/// and the desktop hears of that span.
+/// A channel taken over from `listing.owner`, its topics live here since
+/// `live_since`: if that replica did not outlive this moment (it crashed, or let go
+/// of its topics), what the topics got between its last beat and then may never have
+/// reached the stream, and the desktop hears of that span.
 async fn tell_if_orphaned(
     fleet: Arc<Fleet>,
     channel: Arc<ClientChannel>,
     listing: crate::fleet::directory::Listing,
+    live_since: SystemTime,
 ) {
     if listing.owner.is_empty() {
         return;
@@ -552,7 +704,7 @@ async fn tell_if_orphaned(
     );
     channel
         .outbox
-        .unwritten_since(since, |since| gap_frame(since, SystemTime::now(), &named));
+        .unwritten_since(since, |since| gap_frame(since, live_since, &named));
 }
 
 /// A request's line in the access log, written when the request ends: with its

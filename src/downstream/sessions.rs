@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -90,6 +90,8 @@ fn close_labels(by: &'static str, code: Option<u16>) -> CloseLabels {
 }
 
 /// How a subscription call changes a channel's topics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Change {
     Add(Vec<String>),
     Replace(Vec<String>),

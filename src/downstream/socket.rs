@@ -259,6 +259,7 @@ impl ClientSocket {
     fn subscribe(&self, topics: Option<Vec<String>>, correlation_id: Value) -> Answer {
         let (subscriptions, channel, peer) =
             (self.subscriptions.clone(), self.channel.clone(), self.peer);
+        let directory = self.directory.clone();
         Box::pin(async move {
             let answer = match topics.filter(|t| !t.is_empty()) {
                 None => json!({
@@ -270,6 +271,12 @@ impl ClientSocket {
                     .await
                 {
                     Ok(_) => {
+                        // Wherever the desktop moves, its channel keeps these topics.
+                        if let Some(directory) = directory {
+                            let _ = directory
+                                .list(&channel.id, &channel.topics(), channel.outbox.served_to())
+                                .await;
+                        }
                         json!({"correlationId": correlation_id, "result": "200", "status": "subscribed"})
                     }
                     Err(error) => json!({

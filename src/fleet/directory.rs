@@ -25,6 +25,28 @@ const SEEN: &str = "seen";
 const POSITION: &str = "position";
 const OWNER: &str = "owner";
 
+/// Refreshes the listings (KEYS) this replica owns. ARGV: the replica, when their
+/// sockets were last served (ms), the listing's lifetime (ms), then each one's
+/// position. Positions are compared as decimal strings: Lua's numbers are doubles.
+const SEEN_SCRIPT: &str = r"
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'owner') == ARGV[1] then
+    redis.call('HSET', key, 'seen', ARGV[2])
+    local position = ARGV[3 + i]
+    local old = redis.call('HGET', key, 'position') or '0'
+    if greater(position, old) then
+      redis.call('HSET', key, 'position', position)
+    end
+    redis.call('PEXPIRE', key, ARGV[3])
+  end
+end
+return 0
+";
+
 /// What the directory holds of a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
@@ -40,6 +62,7 @@ pub struct Listing {
 
 pub struct Directory {
     store: Arc<Store>,
+    seen: redis::Script,
     /// `server.client_idle`, read at each write: how long a listing outlives its
     /// last socket.
     config: Arc<ArcSwap<Config>>,
@@ -47,7 +70,11 @@ pub struct Directory {
 
 impl Directory {
     pub fn new(store: Arc<Store>, config: Arc<ArcSwap<Config>>) -> Arc<Self> {
-        Arc::new(Self { store, config })
+        Arc::new(Self {
+            store,
+            seen: redis::Script::new(SEEN_SCRIPT),
+            config,
+        })
     }
 
     fn lifetime(&self) -> Duration {
@@ -69,7 +96,9 @@ impl Directory {
         let mut pipe = redis::pipe();
         pipe.hset(&key, TOPICS, topics)
             .ignore()
-            .hset(&key, OWNER, &self.store.replica)
+            // A new listing is this replica's; a relisting keeps its owner (the
+            // replica with its socket).
+            .hset_nx(&key, OWNER, &self.store.replica)
             .ignore()
             // A new listing is seen now; a relisting keeps what its socket said.
             .hset_nx(&key, SEEN, ms(SystemTime::now()))
@@ -82,7 +111,8 @@ impl Directory {
     }
 
     /// Channels `served` (id, stream position) had every frame reach their socket
-    /// until `until`, and up to that position; their listings are kept.
+    /// until `until`, and up to that position; their listings are kept. Only the
+    /// listings this replica still owns are touched, and a position never goes back.
     pub async fn seen(
         &self,
         served: &[(String, Offset)],
@@ -91,22 +121,30 @@ impl Directory {
         if served.is_empty() {
             return Ok(());
         }
-        let (now, lifetime) = (ms(until).to_string(), self.lifetime().as_millis() as i64);
-        let mut pipe = redis::pipe();
-        for (id, position) in served {
-            let key = self.store.keys.channel(id);
-            pipe.hset_multiple(
-                &key,
-                &[
-                    (SEEN, now.clone()),
-                    (POSITION, position.to_string()),
-                    (OWNER, self.store.replica.clone()),
-                ],
-            )
-            .ignore()
-            .pexpire(&key, lifetime)
-            .ignore();
+        let mut invocation = self.seen.prepare_invoke();
+        for (id, _) in served {
+            invocation.key(self.store.keys.channel(id));
         }
+        invocation
+            .arg(&self.store.replica)
+            .arg(ms(until))
+            .arg(self.lifetime().as_millis() as u64);
+        for (_, position) in served {
+            invocation.arg(position);
+        }
+        self.store.invoke::<()>(&invocation).await
+    }
+
+    /// Channel `id` is served by this replica's socket from now on.
+    pub async fn claim(&self, id: &str) -> Result<(), StoreError> {
+        let key = self.store.keys.channel(id);
+        let mut pipe = redis::pipe();
+        pipe.hset(&key, OWNER, &self.store.replica)
+            .ignore()
+            .hset(&key, SEEN, ms(SystemTime::now()))
+            .ignore()
+            .pexpire(&key, self.lifetime().as_millis() as i64)
+            .ignore();
         self.store.pipe(&pipe).await
     }
 

@@ -18,12 +18,15 @@
 //! | `c:<channel id>` | hash | a client channel's `topics` (JSON), when a socket last held it (`seen`, ms), how far in `events` it was served (`position`) and the replica that serves it (`owner`); lapses `client_idle` after `seen` |
 //! | `replicas` | sorted set | the replicas that take desktops (ready, not draining) → their last beat (ms) |
 //! | `r:<replica>` | string | a replica's heartbeat: its clock (ms) at its last beat, every 250 ms, lapsing after 3 s |
+//! | `calls:<replica>` | list | subscription calls forwarded to the replica that serves the channel's socket (JSON, with a reply key) |
+//! | `reply:<id>` | list | the answer to one forwarded call |
 //! | `ledger` | string | when this Redis started keeping the leases (ms); its absence means Redis lost them |
 //!
 //! Leases lapse by themselves: a replica that dies leaves its channels alive at
 //! Genesys until their tokens expire, and its leases until the same moment.
 
 pub mod bus;
+pub mod calls;
 pub mod directory;
 pub mod leases;
 pub mod presence;
@@ -50,6 +53,7 @@ pub struct Fleet {
     pub bus: Arc<bus::Bus>,
     pub directory: Arc<directory::Directory>,
     pub presence: Arc<presence::Presence>,
+    pub calls: Arc<calls::Calls>,
 }
 
 impl Fleet {
@@ -77,6 +81,7 @@ impl Fleet {
         tasks.spawn(bus.clone().write(dedup_window, shutdown.clone()));
         tasks.spawn(bus.clone().read(shutdown.clone()));
         Ok(Self {
+            calls: calls::Calls::new(store.clone()),
             store,
             leases,
             bus,

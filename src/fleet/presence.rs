@@ -4,7 +4,7 @@
 //! Each replica beats every [`BEAT`]: it writes its clock into `r:<replica>`, which
 //! lapses after [`LAPSE`]. A draining replica stops beating (and deletes the key) only
 //! once its channels have other owners, just before it lets go of its upstream
-//! channels. A replica that takes a channel over from `owner` waits, once its own
+//! channels, saying it retired. A replica that takes a channel over from `owner` waits, once its own
 //! subscriptions are live, for one more beat of the owner: a beat after that moment
 //! means the owner was still carrying the topics when this replica began to, so no
 //! event fell between them. No beat means the owner died (or stopped): its events
@@ -28,6 +28,8 @@ use super::store::Store;
 pub const BEAT: Duration = Duration::from_millis(250);
 /// How long a beat stays readable.
 const LAPSE: Duration = Duration::from_secs(3);
+/// A retired replica's last word.
+const RETIRED: &str = "retired";
 /// How long a takeover waits for the owner's next beat: a few beats, so that one
 /// slow write does not make a live replica look dead.
 const BEAT_WAIT: Duration = Duration::from_millis(1500);
@@ -103,22 +105,35 @@ impl Presence {
             || !self.store.is_up()
     }
 
-    /// Stops beating for good: this replica is about to let go of its topics.
+    /// Stops beating for good: this replica is about to let go of its topics, which
+    /// other replicas carry now. Its last word says so (a replica that dies leaves
+    /// its last beat, which lapses).
     pub async fn retire(&self) {
         self.stopped.cancel();
-        let _ = self
-            .store
-            .command::<()>(redis::cmd("DEL").arg(self.store.keys.alive(&self.store.replica)))
-            .await;
+        let mut last = redis::cmd("SET");
+        last.arg(self.store.keys.alive(&self.store.replica))
+            .arg(RETIRED)
+            .arg("PX")
+            .arg(LAPSE.as_millis() as u64);
+        let _ = self.store.command::<()>(&last).await;
     }
 
-    /// Whether `owner` beat after now (within [`BEAT_WAIT`]); if not, when it beat
-    /// last (`None` if it has no beat to read).
+    /// Whether `replica` beat within the last few seconds.
+    pub async fn is_alive(&self, replica: &str) -> bool {
+        self.store
+            .command::<bool>(redis::cmd("EXISTS").arg(self.store.keys.alive(replica)))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Whether `owner` beat (or retired, having handed its channels over) after now,
+    /// within [`BEAT_WAIT`]; if not, when it beat last (`None` if it has no beat to
+    /// read).
     pub async fn outlived(&self, owner: &str) -> Result<(), Option<SystemTime>> {
         let key = self.store.keys.alive(owner);
         let read = || async {
             self.store
-                .command::<Option<u64>>(redis::cmd("GET").arg(&key))
+                .command::<Option<String>>(redis::cmd("GET").arg(&key))
                 .await
                 .ok()
                 .flatten()
@@ -126,6 +141,9 @@ impl Presence {
         let Some(first) = read().await else {
             return Err(None);
         };
+        if first == RETIRED {
+            return Ok(());
+        }
         let deadline = tokio::time::Instant::now() + BEAT_WAIT;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(BEAT / 2).await;
@@ -135,7 +153,8 @@ impl Presence {
                 None => break,
             }
         }
-        Err(Some(SystemTime::UNIX_EPOCH + Duration::from_millis(first)))
+        let last = first.parse().unwrap_or(0);
+        Err(Some(SystemTime::UNIX_EPOCH + Duration::from_millis(last)))
     }
 }
 

@@ -69,6 +69,16 @@ impl Keys {
         format!("{}r:{replica}", self.prefix)
     }
 
+    /// Calls waiting for `replica` to carry them out (see `calls`).
+    pub fn calls(&self, replica: &str) -> String {
+        format!("{}calls:{replica}", self.prefix)
+    }
+
+    /// Where the answer to call `id` goes.
+    pub fn reply(&self, id: &str) -> String {
+        format!("{}reply:{id}", self.prefix)
+    }
+
     /// The replicas that take desktops → their last beat (ms).
     pub fn replicas(&self) -> String {
         format!("{}replicas", self.prefix)

@@ -13,10 +13,12 @@
 //! - no panic;
 //! - recovery time from fault to delivery (reported).
 
+pub mod balancer;
 mod chaos;
 mod desktop;
 mod judge;
 pub mod relay;
+pub mod rollout;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
