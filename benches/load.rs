@@ -185,6 +185,9 @@ async fn run() -> anyhow::Result<()> {
         )
         .await?,
     );
+    if let Some(proxy) = proxy {
+        proxy.process.stop().await;
+    }
     if args.proxy.is_none() {
         match cluster(&args, &fake, &http).await? {
             Some((path, note)) => {
@@ -206,7 +209,6 @@ async fn run() -> anyhow::Result<()> {
         let pids = system::with_children(nginx.process.pid);
         paths.push(relay("nginx", &args, &fake, &http, vec![route], pids).await?);
     }
-    drop(proxy);
 
     // 2. Idle memory per client.
     let mut idle = Vec::new();
@@ -247,6 +249,15 @@ async fn run() -> anyhow::Result<()> {
     } else {
         Some(rotation(&args, &http).await?)
     };
+    // 5. A rolling restart of a fleet under load.
+    let rollout = if args.proxy.is_some() {
+        None
+    } else {
+        rollout(&args).await?
+    };
+    if let Some(r) = &rollout {
+        eprintln!("{}", r.plot());
+    }
     status("");
 
     let report = Report {
@@ -264,6 +275,7 @@ async fn run() -> anyhow::Result<()> {
         fanout_delivered: Some((fanout.delivered, fanout.offered)),
         fanout_clients,
         rotation,
+        rollout,
         notes,
     };
     println!("\n{}", report.table());
@@ -473,12 +485,35 @@ async fn cluster(
     let commands_before = redis.commands_processed().await?;
     let path = relay("cluster", args, fake, http, routes, pids).await?;
     let commands = redis.commands_processed().await? - commands_before;
+    for replica in replicas {
+        replica.process.stop().await;
+    }
     let events = args.events();
     let note = format!(
         "cluster: 2 replicas and redis-server; Redis ran {commands} commands for {events} events ({:.3} per event, leases and reads included)",
         commands as f64 / events as f64
     );
     Ok(Some((path, note)))
+}
+
+/// Three replicas of a fleet (the release binary, each its own process) on
+/// `redis-server`, behind a balancer that follows their readiness, 200 SDK-like
+/// desktops at about 20k deliveries/s (10k in quick mode), and every replica restarted
+/// in turn (see `handover::soak::rollout`). `None` without `redis-server`.
+async fn rollout(args: &Args) -> anyhow::Result<Option<handover::soak::rollout::RolloutReport>> {
+    let Some(redis) = paths::Redis::spawn().await? else {
+        return Ok(None);
+    };
+    status("rollout under load");
+    let mut config = handover::soak::rollout::RolloutConfig::new(
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_handover")),
+        redis.url.clone(),
+        handover::soak::rollout::Disruption::Rollout,
+    );
+    // 200 desktops on 2 of 10 topics each: about 40 deliveries per event.
+    config.topics = 10;
+    config.rate = if args.quick { 250.0 } else { 500.0 };
+    Ok(Some(handover::soak::rollout::run(config).await?))
 }
 
 async fn idle_memory(
@@ -510,6 +545,7 @@ async fn idle_memory(
     let after = system::rss_bytes(proxy.process.pid);
     set.finish().await;
     first.finish().await;
+    proxy.process.stop().await;
     Ok(before
         .zip(after)
         .map(|(b, a)| a.saturating_sub(b) / clients as u64))
@@ -558,6 +594,9 @@ async fn fan_out(
     )
     .await?;
     let seen = set.finish().await;
+    if let Some(proxy) = spawned {
+        proxy.process.stop().await;
+    }
     let disconnects = seen.iter().filter(|(_, s)| s.disconnected).count();
     let delivered: u64 = seen.iter().map(|(_, s)| s.frames).sum();
     Ok(Fanout {

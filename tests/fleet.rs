@@ -467,3 +467,84 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
     assert_eq!(unknown.status, 404);
     staying.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscription_call_that_lands_on_another_replica_is_carried_out_where_the_socket_is() {
+    let redis = RedisServer::start().await;
+    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
+    let secrets = Secrets::new();
+    secrets.write("a", "secret-a");
+    let cluster = format!("redis_url = \"{}\"", redis.url());
+    let config = || replica_config(&fake.base_url(), &secrets, TROUBLE_BUDGET, &cluster);
+    let (first, first_client, _) = start_replica(config()).await;
+    let (second, second_client, _) = start_replica(config()).await;
+
+    // A balancer spreads the desktop's connections: its channel is made on one
+    // replica, its socket lands on the other...
+    let created = first_client.post("/api/v2/notifications/channels").await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let mut socket = connect(&format!(
+        "ws://{}/channels/{id}",
+        second_client.base.trim_start_matches("http://")
+    ))
+    .await;
+    // ...and its subscription call on the first again.
+    let watched = topics("v2.split", 2);
+    let subscriptions = |client: &Api| {
+        format!(
+            "{}/api/v2/notifications/channels/{id}/subscriptions",
+            client.base
+        )
+    };
+    let body: Vec<Value> = watched.iter().map(|t| json!({ "id": t })).collect();
+    let reply = first_client
+        .send(
+            first_client
+                .http
+                .put(subscriptions(&first_client))
+                .json(&body),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body["entities"].as_array().unwrap().len(), 2);
+    // The socket gets what the call subscribed.
+    for topic in &watched {
+        let published = fake_api.publish(topic).await;
+        expect_event(&mut socket, &published).await;
+    }
+    let listed = first_client
+        .get(&format!(
+            "/api/v2/notifications/channels/{id}/subscriptions"
+        ))
+        .await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.body["entities"].as_array().unwrap().len(), 2);
+    // A refusal (Genesys denies the topic) reads the same wherever the call landed.
+    fake_api
+        .patch_settings(json!({ "deny_topics": ["v2.secret.*"] }))
+        .await;
+    let bad = json!([{ "id": "v2.secret.x" }]);
+    let direct = second_client
+        .send(
+            second_client
+                .http
+                .post(subscriptions(&second_client))
+                .json(&bad),
+        )
+        .await;
+    let forwarded = first_client
+        .send(
+            first_client
+                .http
+                .post(subscriptions(&first_client))
+                .json(&bad),
+        )
+        .await;
+    assert!(direct.status >= 400, "{}", direct.body);
+    assert_eq!(
+        (forwarded.status, forwarded.body),
+        (direct.status, direct.body)
+    );
+    first.stop().await;
+    second.stop().await;
+}

@@ -193,13 +193,18 @@ async fn connect(http: &reqwest::Client, route: &Route, topic: &str) -> anyhow::
         .json()
         .await?;
     let id = created["id"].as_str().unwrap_or_default();
-    authorised(http.put(format!(
+    let subscribed = authorised(http.put(format!(
         "{api}/api/v2/notifications/channels/{id}/subscriptions"
     )))
     .json(&json!([{ "id": topic }]))
     .send()
-    .await?
-    .error_for_status()?;
+    .await?;
+    let status = subscribed.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "subscribing: {status} {}",
+        subscribed.text().await.unwrap_or_default()
+    );
     let uri = match &route.socket_host {
         Some(host) => format!("ws://{host}/channels/{id}"),
         None => created["connectUri"]

@@ -15,6 +15,10 @@ use tokio::process::{Child, Command};
 
 pub const CLIENT_ID: &str = "bench-client";
 pub const SECRET: &str = "bench-secret";
+/// The direct and nginx paths' own OAuth client: their clients make a channel each,
+/// which must not count against the proxies' client (they would be others' channels
+/// to it, leaving it no room).
+const DIRECT_CLIENT_ID: &str = "bench-direct-client";
 
 /// A fake Genesys Cloud: ours in-process, or one at a URL.
 pub struct Fake {
@@ -35,7 +39,10 @@ impl Fake {
             });
         }
         let fake = MockGenesys::start(MockConfig {
-            clients: vec![ClientSpec::new(CLIENT_ID, SECRET, token_ttl)],
+            clients: vec![
+                ClientSpec::new(CLIENT_ID, SECRET, token_ttl),
+                ClientSpec::new(DIRECT_CLIENT_ID, SECRET, token_ttl),
+            ],
             settings: Settings {
                 // Direct clients need a channel each; limits are not what is measured.
                 max_channels_per_client: 1_000_000,
@@ -56,10 +63,17 @@ impl Fake {
         self.url.trim_start_matches("http://").to_owned()
     }
 
+    /// A token for clients that go to the fake directly (their own OAuth client with
+    /// the in-process fake).
     pub async fn token(&self, http: &reqwest::Client) -> anyhow::Result<String> {
+        let client = if self._running.is_some() {
+            DIRECT_CLIENT_ID
+        } else {
+            CLIENT_ID
+        };
         let reply: serde_json::Value = http
             .post(format!("{}/oauth/token", self.url))
-            .basic_auth(CLIENT_ID, Some(SECRET))
+            .basic_auth(client, Some(SECRET))
             .form(&[("grant_type", "client_credentials")])
             .send()
             .await?
@@ -76,9 +90,22 @@ impl Fake {
 /// A process under test.
 pub struct Process {
     /// Held so that dropping the process kills it (`kill_on_drop`).
-    _child: Child,
+    child: Child,
     pub pid: u32,
     _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Stops it with SIGTERM and waits (up to 30 s) until it exits: a proxy killed
+    /// outright would leave its channels at the fake until their tokens expire, and
+    /// the next proxy on that fake would count them as someone else's.
+    pub async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
 }
 
 /// The proxy, started from the release binary with a config pointing at the fake.
@@ -99,7 +126,7 @@ impl ProxyProcess {
             format!(
                 // Above the default cap of 10,000 connections: the idle-memory phase
                 // holds 10,000 sockets besides its REST connections.
-                "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 15000\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 15000\ndrain_delay = \"0s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
                  [genesys]\nlogin_url = \"{url}\"\napi_url = \"{url}\"\n\
                  [[credentials]]\nname = \"bench\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{SECRET}\"\n{extra_toml}",
                 url = fake.url
@@ -152,7 +179,7 @@ impl ProxyProcess {
             client_url: format!("http://{client}"),
             handovers,
             process: Process {
-                _child: child,
+                child,
                 pid,
                 _dir: dir,
             },
@@ -190,7 +217,7 @@ impl Redis {
         let redis = Redis {
             url: format!("redis+unix://{}", socket.display()),
             process: Process {
-                _child: child,
+                child,
                 pid,
                 _dir: dir,
             },
@@ -323,7 +350,7 @@ http {{
         }
         Ok(Some(Nginx {
             process: Process {
-                _child: child,
+                child,
                 pid,
                 _dir: dir,
             },

@@ -86,6 +86,8 @@ pub struct Report {
     pub fanout_delivered: Option<(u64, u64)>,
     pub fanout_clients: usize,
     pub rotation: Option<RotationResult>,
+    /// The rolling restart of a fleet under load.
+    pub rollout: Option<handover::soak::rollout::RolloutReport>,
     pub notes: Vec<String>,
 }
 
@@ -209,6 +211,22 @@ impl Report {
                 r.disconnects
             );
         }
+        if let Some(r) = &self.rollout {
+            let v = &r.verdict;
+            let seconds = r.delivered.len() as f64 * handover::soak::rollout::BIN.as_secs_f64();
+            let _ = writeln!(
+                out,
+                "rollout under load: 3 replicas restarted in turn, {:.0} deliveries/s on average; lost {}, duplicated {}, gap notices {}, peak channels {} of {}, clean exits {}/{}",
+                r.delivered.iter().sum::<u64>() as f64 / seconds.max(1.0),
+                v.lost,
+                v.duplicated,
+                v.gaps,
+                r.peak_channels,
+                r.budget,
+                r.clean_exits,
+                r.stopped
+            );
+        }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");
         }
@@ -244,6 +262,12 @@ impl Report {
             "rotation_lost": self.rotation.as_ref().map(|r| r.lost),
             "rotation_duplicated": self.rotation.as_ref().map(|r| r.duplicated),
             "rotation_disconnects": self.rotation.as_ref().map(|r| r.disconnects),
+            "rollout_lost": self.rollout.as_ref().map(|r| r.verdict.lost),
+            "rollout_duplicated": self.rollout.as_ref().map(|r| r.verdict.duplicated),
+            "rollout_gap_notices": self.rollout.as_ref().map(|r| r.verdict.gaps),
+            "rollout_peak_channels": self.rollout.as_ref().map(|r| r.peak_channels),
+            "rollout_delivered_per_bin": self.rollout.as_ref().map(|r| r.delivered.clone()),
+            "rollout_marks": self.rollout.as_ref().map(|r| r.marks.iter().map(|m| json!({"at_s": m.at.as_secs_f64(), "what": m.what})).collect::<Vec<_>>()),
             "notes": self.notes,
         })
     }
@@ -261,6 +285,10 @@ impl Report {
         if let Some(r) = &self.rotation {
             std::fs::write(dir.join("rotation_timeline.svg"), timeline_svg(r))?;
             images.push("rotation_timeline.svg");
+        }
+        if let Some(r) = &self.rollout {
+            std::fs::write(dir.join("rollout_timeline.svg"), rollout_svg(r))?;
+            images.push("rollout_timeline.svg");
         }
         let mut html = String::from(
             "<!doctype html><meta charset=utf-8><title>handover load bench</title>\
@@ -420,6 +448,64 @@ fn timeline_svg(r: &RotationResult) -> String {
     svg.line(&top, &p99, COLORS[1], "p99", 1);
     svg.line(&bottom, &rate, COLORS[2], "deliveries/s", 0);
     svg.legend_note(&bottom, "dashed: a handover completed");
+    svg.finish()
+}
+
+/// The delivered rate through a rolling restart, each restart marked.
+fn rollout_svg(r: &handover::soak::rollout::RolloutReport) -> String {
+    let bin = handover::soak::rollout::BIN.as_secs_f64();
+    let mut svg = Svg::new(
+        900.0,
+        360.0,
+        "Rolling restart under load: deliveries/s to all desktops, restarts marked",
+    );
+    let seconds = (r.delivered.len() as f64 * bin).max(1.0);
+    let max_rate = r
+        .delivered
+        .iter()
+        .map(|&n| n as f64 / bin)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let frame = svg.panel(
+        Frame {
+            left: 60.0,
+            top: 50.0,
+            width: 800.0,
+            height: 240.0,
+            y0: 0.0,
+            y1: max_rate,
+            x0: 0.0,
+            x1: seconds,
+        },
+        "deliveries/s",
+    );
+    for mark in r.marks.iter().filter(|m| m.what.starts_with("SIGTERM")) {
+        svg.vline(&frame, mark.at.as_secs_f64());
+    }
+    let step = (seconds / 10.0).ceil().max(1.0);
+    let mut s = 0.0;
+    while s <= seconds {
+        svg.x_tick(&frame, s, &format!("{s:.0}s"));
+        s += step;
+    }
+    for (v, label) in [
+        (0.0, "0".to_owned()),
+        (max_rate / 2.0, format!("{:.0}", max_rate / 2.0)),
+        (max_rate, format!("{max_rate:.0}")),
+    ] {
+        svg.y_tick(&frame, v, &label);
+    }
+    let rate: Vec<(f64, f64)> = r
+        .delivered
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| ((i as f64 + 0.5) * bin, n as f64 / bin))
+        .collect();
+    svg.line(&frame, &rate, COLORS[2], "deliveries/s", 0);
+    svg.legend_note(
+        &frame,
+        "dashed: a replica gets SIGTERM (its successor is ready)",
+    );
     svg.finish()
 }
 

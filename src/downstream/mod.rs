@@ -425,6 +425,10 @@ impl Downstream {
     /// Carries out a subscription call another replica forwarded (see
     /// [`Downstream::forward`]); the answer, or the error, as JSON.
     pub async fn carry_out(self: Arc<Self>, call: Value) -> Value {
+        if let Some(id) = call["release"].as_str() {
+            self.release(id).await;
+            return Value::Null;
+        }
         let outcome: Result<Vec<sessions::TopicAnswer>, ClientError> = async {
             let malformed = || ClientError::bad_request("malformed call between replicas");
             let id = call["channel"].as_str().ok_or_else(malformed)?;
@@ -456,6 +460,23 @@ impl Downstream {
         }
     }
 
+    /// Another replica's socket serves channel `id` now: the copy here, if it has no
+    /// socket, goes (its topics need not be carried here any more).
+    async fn release(&self, id: &str) {
+        let Some(channel) = self.sessions.get(id) else {
+            return;
+        };
+        if channel.outbox.is_attached() {
+            return;
+        }
+        self.sessions.close(id).await;
+        tracing::info!(
+            target: AUDIT,
+            session = channel.session,
+            "client channel released: another replica serves its socket"
+        );
+    }
+
     /// With `[cluster]`: channel `channel`, here, is served by this replica from now
     /// on. If the directory says another replica served it last (its socket moved
     /// here), this session takes the position and topics the directory has (a copy
@@ -483,6 +504,13 @@ impl Downstream {
             }
         }
         let _ = fleet.directory.claim(&channel.id).await;
+        if !listing.owner.is_empty() {
+            // The replica that served it lets go of its copy.
+            let _ = fleet
+                .calls
+                .notify(&listing.owner, json!({ "release": channel.id }))
+                .await;
+        }
         if !listing.owner.is_empty() && !listing.topics.is_empty() {
             let live_since = SystemTime::now();
             self.tasks.spawn(tell_if_orphaned(

@@ -2,12 +2,13 @@
 //! reaches a replica other than the one serving its socket is carried out by that
 //! one, since the subscriptions of a socket live with it (a balancer spreads a
 //! desktop's connections over the replicas: its REST calls and its socket often land
-//! apart).
+//! apart). A replica that takes a channel's socket over also notifies the one that
+//! served it, which lets go of its copy.
 //!
 //! A call is a JSON document pushed onto the serving replica's list `calls:<replica>`,
 //! naming a reply key; that replica pops its calls one connection at a time, carries
 //! each out in a task of its own, and pushes the answer onto the reply key, which the
-//! caller waits on. Both keys expire, so that a replica that dies leaves nothing
+//! caller waits on (a notice names none). Both keys expire, so that a replica that dies leaves nothing
 //! behind for long.
 
 use std::future::Future;
@@ -56,14 +57,11 @@ impl Calls {
             .store
             .keys
             .reply(&format!("{:016x}", rand::random::<u64>()));
-        let envelope = serde_json::json!({ "reply": reply, "call": call });
-        let queue = self.store.keys.calls(replica);
-        let mut push = redis::pipe();
-        push.rpush(&queue, envelope.to_string())
-            .ignore()
-            .pexpire(&queue, KEEP.as_millis() as i64)
-            .ignore();
-        self.store.pipe::<()>(&push).await?;
+        self.push(
+            &self.store.keys.calls(replica),
+            serde_json::json!({ "reply": reply, "call": call }),
+        )
+        .await?;
         let mut connection = self.store.reader(ANSWER_WITHIN).await?;
         let popped: Result<Option<(String, String)>, redis::RedisError> = redis::cmd("BLPOP")
             .arg(&reply)
@@ -74,6 +72,20 @@ impl Calls {
             Some((_, answer)) => Ok(serde_json::from_str(&answer).unwrap_or(Value::Null)),
             None => Err(CallError::Unanswered(replica.to_owned())),
         }
+    }
+
+    /// Has `replica` carry out `call`, without waiting for (or asking for) an answer.
+    pub async fn notify(&self, replica: &str, call: Value) -> Result<(), StoreError> {
+        self.push(
+            &self.store.keys.calls(replica),
+            serde_json::json!({ "call": call }),
+        )
+        .await
+    }
+
+    /// Appends `value` to list `key`, which lapses [`KEEP`] after.
+    async fn push(&self, key: &str, value: Value) -> Result<(), StoreError> {
+        push(&self.store, key, value).await
     }
 
     /// Carries out the calls sent to this replica with `handler`, until `shutdown`.
@@ -113,21 +125,15 @@ impl Calls {
                 let Ok(envelope) = serde_json::from_str::<Value>(&envelope) else {
                     continue;
                 };
-                let (Some(reply), call) = (
-                    envelope["reply"].as_str().map(str::to_owned),
-                    envelope["call"].clone(),
-                ) else {
-                    continue;
-                };
+                let reply = envelope["reply"].as_str().map(str::to_owned);
+                let call = envelope["call"].clone();
                 let (store, handler) = (self.store.clone(), handler.clone());
                 tasks.spawn(async move {
                     let answer = handler(call).await;
-                    let mut push = redis::pipe();
-                    push.rpush(&reply, answer.to_string())
-                        .ignore()
-                        .pexpire(&reply, KEEP.as_millis() as i64)
-                        .ignore();
-                    let _ = store.pipe::<()>(&push).await;
+                    // A notice wants no answer.
+                    if let Some(reply) = reply {
+                        let _ = push(&store, &reply, answer).await;
+                    }
                 });
             }
             tokio::select! {
@@ -136,4 +142,14 @@ impl Calls {
             }
         }
     }
+}
+
+/// Appends `value` to list `key` (one round trip), which lapses [`KEEP`] after.
+async fn push(store: &Store, key: &str, value: Value) -> Result<(), StoreError> {
+    let mut push = redis::pipe();
+    push.rpush(key, value.to_string())
+        .ignore()
+        .pexpire(key, KEEP.as_millis() as i64)
+        .ignore();
+    store.pipe::<()>(&push).await
 }

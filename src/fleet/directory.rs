@@ -34,12 +34,13 @@ local function greater(a, b)
   return a > b
 end
 for i, key in ipairs(KEYS) do
-  if redis.call('HGET', key, 'owner') == ARGV[1] then
-    redis.call('HSET', key, 'seen', ARGV[2])
+  local listed = redis.call('HMGET', key, 'owner', 'position')
+  if listed[1] == ARGV[1] then
     local position = ARGV[3 + i]
-    local old = redis.call('HGET', key, 'position') or '0'
-    if greater(position, old) then
-      redis.call('HSET', key, 'position', position)
+    if greater(position, listed[2] or '0') then
+      redis.call('HSET', key, 'seen', ARGV[2], 'position', position)
+    else
+      redis.call('HSET', key, 'seen', ARGV[2])
     end
     redis.call('PEXPIRE', key, ARGV[3])
   end

@@ -396,20 +396,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
     }
     logs.extend(std::mem::take(&mut *stage.departed.lock().await));
     let published = std::mem::take(&mut *published.lock().unwrap_or_else(|p| p.into_inner()));
-    let guards: Vec<_> = logs
-        .iter()
-        .map(|(t, l)| (t, l.lock().unwrap_or_else(|p| p.into_inner())))
-        .collect();
-    let seen: Vec<Seen<'_>> = guards
-        .iter()
-        .map(|(topics, log)| Seen {
-            topics: topics.as_slice(),
-            log,
-        })
-        .collect();
-    let verdict = judge::judge(&published, &seen, &faults, ended);
-    drop(seen);
-    drop(guards);
+    let verdict = with_logs(&logs, |seen| judge::judge(&published, seen, &faults, ended));
 
     // Nothing left behind once the desktops are gone.
     let leftovers = wait_for_leftovers(&proxy, &http, &fake.base_url()).await;
@@ -562,6 +549,25 @@ async fn publish(
                 });
         }
     }
+}
+
+/// Desktops' topics and logs, as their owners left them.
+type Logs = Vec<(Vec<String>, Arc<std::sync::Mutex<desktop::Log>>)>;
+
+/// Runs `read` over the desktops' records, their logs locked meanwhile.
+fn with_logs<R>(logs: &Logs, read: impl FnOnce(&[Seen<'_>]) -> R) -> R {
+    let guards: Vec<_> = logs
+        .iter()
+        .map(|(t, l)| (t, l.lock().unwrap_or_else(|p| p.into_inner())))
+        .collect();
+    let seen: Vec<Seen<'_>> = guards
+        .iter()
+        .map(|(topics, log)| Seen {
+            topics: topics.as_slice(),
+            log,
+        })
+        .collect();
+    read(&seen)
 }
 
 #[derive(Default)]

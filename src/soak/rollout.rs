@@ -165,6 +165,25 @@ impl RolloutReport {
     }
 }
 
+/// Deliveries to all desktops per [`BIN`] from `started` to `ended`.
+fn delivered_per_bin(seen: &[Seen<'_>], started: SystemTime, ended: SystemTime) -> Vec<u64> {
+    let bins = ended
+        .duration_since(started)
+        .unwrap_or_default()
+        .as_millis()
+        / BIN.as_millis();
+    let mut delivered = vec![0u64; bins as usize + 1];
+    for receipt in seen.iter().flat_map(|d| d.log.events.values()) {
+        if let Ok(at) = receipt.received.duration_since(started) {
+            let bin = (at.as_millis() / BIN.as_millis()) as usize;
+            if let Some(slot) = delivered.get_mut(bin) {
+                *slot += u64::from(receipt.count);
+            }
+        }
+    }
+    delivered
+}
+
 /// How long events flow before the disruption, and after it.
 const LEAD_IN: Duration = Duration::from_secs(3);
 const TAIL: Duration = Duration::from_secs(4);
@@ -314,42 +333,21 @@ pub async fn run(config: RolloutConfig) -> anyhow::Result<RolloutReport> {
         logs.push((topics, desktop.leave().await));
     }
     let published = std::mem::take(&mut *published.lock().unwrap_or_else(|p| p.into_inner()));
-    let guards: Vec<_> = logs
-        .iter()
-        .map(|(t, l)| (t, l.lock().unwrap_or_else(|p| p.into_inner())))
-        .collect();
-    let seen: Vec<Seen<'_>> = guards
-        .iter()
-        .map(|(topics, log)| Seen {
-            topics: topics.as_slice(),
-            log,
-        })
-        .collect();
-    let verdict = judge::judge(&published, &seen, &faults, ended);
-    let largest_gap = guards
-        .iter()
-        .flat_map(|(_, log)| &log.gaps)
-        .filter_map(|gap| gap.to.duration_since(gap.from).ok())
-        .max();
-    let new_channels = guards.iter().map(|(_, log)| log.new_channels).sum();
-    let bins = ended
-        .duration_since(started)
-        .unwrap_or_default()
-        .as_millis()
-        / BIN.as_millis();
-    let mut delivered = vec![0u64; bins as usize + 1];
-    for (_, log) in &guards {
-        for receipt in log.events.values() {
-            if let Ok(at) = receipt.received.duration_since(started) {
-                let bin = (at.as_millis() / BIN.as_millis()) as usize;
-                if let Some(slot) = delivered.get_mut(bin) {
-                    *slot += u64::from(receipt.count);
-                }
-            }
-        }
-    }
-    drop(seen);
-    drop(guards);
+    let (verdict, largest_gap, new_channels, delivered) = super::with_logs(&logs, |seen| {
+        let verdict = judge::judge(&published, seen, &faults, ended);
+        let largest_gap = seen
+            .iter()
+            .flat_map(|d| &d.log.gaps)
+            .filter_map(|gap| gap.to.duration_since(gap.from).ok())
+            .max();
+        let new_channels = seen.iter().map(|d| d.log.new_channels).sum();
+        (
+            verdict,
+            largest_gap,
+            new_channels,
+            delivered_per_bin(seen, started, ended),
+        )
+    });
 
     let stats = super::fake_stats(&http, &fake.base_url()).await;
     let evictions = stats
