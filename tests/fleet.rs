@@ -373,7 +373,7 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
     let cluster = format!("redis_url = \"{}\"", redis.url());
     let config = || replica_config(&fake.base_url(), &secrets, TROUBLE_BUDGET, &cluster);
     let (leaving, leaving_client, _) = start_replica(config()).await;
-    let (staying, staying_client, _) = start_replica(config()).await;
+    let (staying, staying_client, staying_admin) = start_replica(config()).await;
 
     // Two desktops make their channels on one replica, as the SDK does.
     let watched = topics("v2.moved", 2);
@@ -449,6 +449,14 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
         serde_json::from_value(notice["eventBody"]["topics"].clone()).unwrap();
     named.sort();
     assert_eq!(named, watched);
+    // Both channels were taken over, and the late one was replayed what the stream
+    // held for it.
+    let counted = |name| metric(&staying_admin, name, &[]);
+    assert_eq!(
+        counted("handover_cluster_channels_taken_over_total").await,
+        Some(2.0)
+    );
+    assert!(counted("handover_cluster_events_replayed_total").await >= Some(1.0));
     let id = desktops[0].0.clone();
     // The other replica answers its REST calls, and still 404 for unknown channels.
     let listed = staying_client
@@ -476,7 +484,7 @@ async fn a_subscription_call_that_lands_on_another_replica_is_carried_out_where_
     secrets.write("a", "secret-a");
     let cluster = format!("redis_url = \"{}\"", redis.url());
     let config = || replica_config(&fake.base_url(), &secrets, TROUBLE_BUDGET, &cluster);
-    let (first, first_client, _) = start_replica(config()).await;
+    let (first, first_client, first_admin) = start_replica(config()).await;
     let (second, second_client, _) = start_replica(config()).await;
 
     // A balancer spreads the desktop's connections: its channel is made on one
@@ -544,6 +552,11 @@ async fn a_subscription_call_that_lands_on_another_replica_is_carried_out_where_
     assert_eq!(
         (forwarded.status, forwarded.body),
         (direct.status, direct.body)
+    );
+    assert_eq!(
+        metric(&first_admin, "handover_cluster_calls_forwarded_total", &[]).await,
+        Some(3.0),
+        "the PUT, the GET and the refused POST"
     );
     first.stop().await;
     second.stop().await;

@@ -85,6 +85,7 @@ pub struct Bus {
     routing: Mutex<Offset>,
     published: Counter,
     delivered_directly: Counter,
+    replayed: Counter,
 }
 
 impl Bus {
@@ -100,6 +101,7 @@ impl Bus {
             routing: Mutex::new(NOT_IN_STREAM),
             published: Counter::default(),
             delivered_directly: Counter::default(),
+            replayed: Counter::default(),
         })
     }
 
@@ -113,6 +115,11 @@ impl Bus {
             "cluster_events_delivered_directly",
             "Upstream events delivered straight to this replica's desktops because Redis failed.",
             self.delivered_directly.clone(),
+        );
+        registry.register(
+            "cluster_events_replayed",
+            "Events read back from the fleet's stream for a socket that missed them (a desktop that reconnected, here or from another replica).",
+            self.replayed.clone(),
         );
     }
 
@@ -315,6 +322,7 @@ impl Bus {
             }
             from = last;
         }
+        self.replayed.inc_by(history.frames.len() as u64);
         Ok(history)
     }
 

@@ -20,8 +20,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::store::{Store, StoreError};
 use crate::backoff::Backoff;
+use crate::metrics::Registry;
 
 /// How long a caller waits for the answer (a subscription may wait for an upstream
 /// channel).
@@ -44,15 +47,28 @@ pub enum CallError {
 
 pub struct Calls {
     store: Arc<Store>,
+    forwarded: Counter,
 }
 
 impl Calls {
     pub fn new(store: Arc<Store>) -> Arc<Self> {
-        Arc::new(Self { store })
+        Arc::new(Self {
+            store,
+            forwarded: Counter::default(),
+        })
+    }
+
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "cluster_calls_forwarded",
+            "Subscription calls this replica forwarded to the replica serving the channel's socket.",
+            self.forwarded.clone(),
+        );
     }
 
     /// Has `replica` carry out `call`; its answer.
     pub async fn forward(&self, replica: &str, call: Value) -> Result<Value, CallError> {
+        self.forwarded.inc();
         let reply = self
             .store
             .keys

@@ -16,7 +16,10 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 
 use super::store::{Store, StoreError};
+use prometheus_client::metrics::counter::Counter;
+
 use crate::config::Config;
+use crate::metrics::Registry;
 use crate::router::{NOT_IN_STREAM, Offset};
 
 /// Hash fields.
@@ -64,6 +67,7 @@ pub struct Listing {
 pub struct Directory {
     store: Arc<Store>,
     seen: redis::Script,
+    claimed: Counter,
     /// `server.client_idle`, read at each write: how long a listing outlives its
     /// last socket.
     config: Arc<ArcSwap<Config>>,
@@ -74,6 +78,7 @@ impl Directory {
         Arc::new(Self {
             store,
             seen: redis::Script::new(SEEN_SCRIPT),
+            claimed: Counter::default(),
             config,
         })
     }
@@ -136,8 +141,18 @@ impl Directory {
         self.store.invoke::<()>(&invocation).await
     }
 
-    /// Channel `id` is served by this replica's socket from now on.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "cluster_channels_taken_over",
+            "Client channels whose socket this replica took over from another replica (a drain, a crash, a balancer's choice).",
+            self.claimed.clone(),
+        );
+    }
+
+    /// Channel `id`, served by another replica until now, is served by this
+    /// replica's socket from now on.
     pub async fn claim(&self, id: &str) -> Result<(), StoreError> {
+        self.claimed.inc();
         let key = self.store.keys.channel(id);
         let mut pipe = redis::pipe();
         pipe.hset(&key, OWNER, &self.store.replica)

@@ -112,5 +112,7 @@ impl Fleet {
         self.store.register_metrics(registry);
         self.leases.register_metrics(registry);
         self.bus.register_metrics(registry);
+        self.directory.register_metrics(registry);
+        self.calls.register_metrics(registry);
     }
 }
