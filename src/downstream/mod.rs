@@ -207,7 +207,8 @@ impl Downstream {
         } else {
             channel.outbox.serve_from(listing.position);
         }
-        let mut owner = CloseOnDrop {
+        // A request abandoned mid-subscribe leaves no half-taken channel behind.
+        let mut unfinished = CloseOnDrop {
             sessions: self.sessions.clone(),
             tasks: self.tasks.clone(),
             id: Some(channel.id.clone()),
@@ -218,7 +219,7 @@ impl Downstream {
                 .change(peer, &channel, Change::Replace(topics), true)
                 .await?;
         }
-        owner.id = None;
+        unfinished.id = None;
         tracing::info!(
             target: AUDIT,
             %peer,

@@ -185,8 +185,8 @@ fn delivered_per_bin(seen: &[Seen<'_>], started: SystemTime, ended: SystemTime) 
 }
 
 /// How long events flow before the disruption, and after it.
-const LEAD_IN: Duration = Duration::from_secs(3);
-const TAIL: Duration = Duration::from_secs(4);
+const LEAD_IN: Duration = Duration::from_secs(2);
+const TAIL: Duration = Duration::from_secs(3);
 /// How long the replicas take to start and become ready, at most.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
@@ -397,12 +397,12 @@ fn replica_config(
 ) -> String {
     let fake = fake.base_url();
     // The desktops reach every replica through the balancer: their connectUri
-    // names it. The drain waits a second for the balancer to see the 503, closes the
-    // sockets over two seconds, and waits up to the grace for the desktops to be
-    // served elsewhere.
+    // names it. The drain waits half a second for the balancer (which polls every
+    // 100 ms) to see the 503, closes the sockets over a second, and waits up to the
+    // grace for the desktops to be served elsewhere.
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\npublic_url = \"ws://{balancer}\"\n\
-         drain_delay = \"1s\"\ndrain_spread = \"2s\"\nshutdown_grace = \"30s\"\n\
+         drain_delay = \"500ms\"\ndrain_spread = \"1s\"\nshutdown_grace = \"30s\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\
          [genesys]\nlogin_url = \"{fake}\"\napi_url = \"{fake}\"\n\
          [[credentials]]\nname = \"a\"\nclient_id = \"client-a\"\nclient_secret_file = \"{secret}\"\n\
