@@ -311,6 +311,16 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
     let secrets = Secrets::new();
     secrets.write("a", "secret-a");
     let cluster = format!("redis_url = \"{}\"", redis.url());
+    // An event from long ago (1970): the stream keeps none older than client_idle
+    // and a minute.
+    let mut connection = redis.connection().await;
+    let _: String = redis::cmd("XADD")
+        .arg("handover:events")
+        .arg("1-1")
+        .arg(&["t", "v2.bus.0", "c", "ancient", "f", "{}"])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
     let watched = topics("v2.bus", 2);
     let mut replicas = Vec::new();
     let mut desktops = Vec::new();
@@ -332,8 +342,8 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
         settle(&desktops, &|d| d.expected(stream, &watched, events)).await;
     assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
 
-    // Both replicas carried the topics; each event entered the stream once.
-    let mut connection = redis.connection().await;
+    // Both replicas carried the topics; each event entered the stream once, and the
+    // one from long ago is gone.
     let entries: u64 = redis::cmd("XLEN")
         .arg("handover:events")
         .query_async(&mut connection)

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use redis::Script;
 use redis::streams::{StreamReadOptions, StreamReadReply};
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::{Store, StoreError};
 use crate::backoff::Backoff;
+use crate::config::Config;
 use crate::metrics::Registry;
 use crate::router::{Attachment, NOT_IN_STREAM, Offset, Outbox, QueuedFrame, Router};
 use crate::upstream::Delivery;
@@ -44,12 +46,13 @@ pub const READ_COUNT: usize = 512;
 /// How long one read waits for new entries.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 
-/// Appends events that are new. KEYS: stream. ARGV: dedup window ms, stream length
-/// bound, seen-key prefix, then (topic, correlation id or "", frame) triples.
-/// Returns how many were appended.
+/// Appends events that are new, then drops those older than the age bound. KEYS:
+/// stream. ARGV: dedup window ms, stream length bound, seen-key prefix, the oldest id
+/// to keep, then (topic, correlation id or "", frame) triples. Returns how many were
+/// appended.
 const PUBLISH: &str = r"
 local appended = 0
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local topic, correlation, frame = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local new = true
   if correlation ~= '' then
@@ -60,8 +63,15 @@ for i = 4, #ARGV, 3 do
     appended = appended + 1
   end
 end
+if appended > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', ARGV[4])
+end
 return appended
 ";
+
+/// How much longer than `server.client_idle` (the longest a desktop can be away and
+/// keep its channel) the stream keeps an event.
+const RETENTION_MARGIN: Duration = Duration::from_secs(60);
 
 /// One event on its way to the stream.
 struct Pending {
@@ -75,6 +85,8 @@ pub struct Bus {
     router: Arc<Router>,
     /// The stream's length bound (`cluster.history_max_len`).
     max_len: usize,
+    /// `server.client_idle`, read at each publish: the stream's age bound.
+    config: Arc<ArcSwap<Config>>,
     pending: Mutex<Vec<Pending>>,
     wake: Notify,
     publish: Script,
@@ -89,11 +101,17 @@ pub struct Bus {
 }
 
 impl Bus {
-    pub fn new(store: Arc<Store>, router: Arc<Router>, max_len: usize) -> Arc<Self> {
+    pub fn new(
+        store: Arc<Store>,
+        router: Arc<Router>,
+        max_len: usize,
+        config: Arc<ArcSwap<Config>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             router,
             max_len,
+            config,
             pending: Mutex::default(),
             wake: Notify::new(),
             publish: Script::new(PUBLISH),
@@ -153,10 +171,16 @@ impl Bus {
                     break;
                 }
                 let mut invocation = self.publish.key(self.store.keys.events());
+                let retention = self.config.load().server.client_idle + RETENTION_MARGIN;
+                let oldest = SystemTime::now()
+                    .checked_sub(retention)
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
                 invocation
                     .arg(dedup_window.as_millis() as u64)
                     .arg(self.max_len)
-                    .arg(self.store.keys.seen_prefix());
+                    .arg(self.store.keys.seen_prefix())
+                    .arg(format!("{oldest}-0"));
                 for event in &batch {
                     invocation
                         .arg(&event.topic)

@@ -26,6 +26,7 @@ use crate::router::{NOT_IN_STREAM, Offset};
 const TOPICS: &str = "topics";
 const SEEN: &str = "seen";
 const POSITION: &str = "position";
+const CREATED: &str = "created";
 const OWNER: &str = "owner";
 
 /// Refreshes the listings (KEYS) this replica owns. ARGV: the replica, when their
@@ -110,6 +111,8 @@ impl Directory {
             .hset_nx(&key, SEEN, ms(SystemTime::now()))
             .ignore()
             .hset_nx(&key, POSITION, position)
+            .ignore()
+            .hset_nx(&key, CREATED, ms(SystemTime::now()))
             .ignore()
             .pexpire(&key, self.lifetime().as_millis() as i64)
             .ignore();

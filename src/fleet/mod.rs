@@ -13,9 +13,9 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `leases` | sorted set | `<replica>/<channel>` → when the lease lapses (ms, Redis' clock): the build's deadline, then the channel's token expiry |
-//! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; about `history_max_len` kept |
+//! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; about `history_max_len` kept, none older than `client_idle` + 1 min |
 //! | `seen:<topic>\|<CorrelationId>` | string | an event's claim, expiring after the dedup window |
-//! | `c:<channel id>` | hash | a client channel's `topics` (JSON), when a socket last held it (`seen`, ms), how far in `events` it was served (`position`) and the replica that serves it (`owner`); lapses `client_idle` after `seen` |
+//! | `c:<channel id>` | hash | a client channel's `topics` (JSON), when it was listed (`created`, ms), when a socket last held it (`seen`, ms), how far in `events` it was served (`position`) and the replica that serves it (`owner`); lapses `client_idle` after `seen` |
 //! | `replicas` | sorted set | the replicas that take desktops (ready, not draining) → their last beat (ms) |
 //! | `r:<replica>` | string | a replica's heartbeat: its clock (ms) at its last beat, every 250 ms, lapsing after 3 s |
 //! | `calls:<replica>` | list | subscription calls forwarded to the replica that serves the channel's socket (JSON, with a reply key) |
@@ -73,11 +73,11 @@ impl Fleet {
         );
         let store = store::Store::connect(cluster)?;
         let leases = leases::FleetLeases::new(store.clone(), config.clone());
-        let directory = directory::Directory::new(store.clone(), config);
+        let directory = directory::Directory::new(store.clone(), config.clone());
         let presence = presence::Presence::new(store.clone());
         tasks.spawn(presence.clone().beat(shutdown.clone()));
         tasks.spawn(leases.clone().maintain(shutdown.clone()));
-        let bus = bus::Bus::new(store.clone(), router, cluster.history_max_len);
+        let bus = bus::Bus::new(store.clone(), router, cluster.history_max_len, config);
         tasks.spawn(bus.clone().write(dedup_window, shutdown.clone()));
         tasks.spawn(bus.clone().read(shutdown.clone()));
         Ok(Self {
