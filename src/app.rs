@@ -33,7 +33,7 @@ use crate::upstream::channel::{self, Parts};
 use crate::upstream::foreign;
 use crate::upstream::pool::{self, Pool};
 use crate::upstream::state::ChannelView;
-use crate::upstream::{Delivery, Leases, Unshared};
+use crate::upstream::{Delivery, Demand, Leases, Unshared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -123,20 +123,6 @@ impl Proxy {
         let client_idle = config.server.client_idle;
         let config = Arc::new(ArcSwap::from_pointee(config));
         let tokens = Arc::new(TokenSource::new(genesys.clone(), config.clone()));
-        let pool = Pool::new(
-            pool::limits(&config.load()),
-            router.clone(),
-            shutdown.clone(),
-        );
-        // Its first mint, at start, makes the proxy ready; then it counts the OAuth
-        // client's channels held by others, before any channel is created.
-        tasks.spawn(foreign::watch(
-            genesys.clone(),
-            tokens.clone(),
-            pool.clone(),
-            config.clone(),
-            shutdown.clone(),
-        ));
         let fleet = match &config.load().cluster {
             Some(cluster) => Some(Arc::new(Fleet::start(
                 cluster,
@@ -152,6 +138,29 @@ impl Proxy {
             Some(fleet) => (fleet.bus.clone(), fleet.leases.clone()),
             None => (router.clone(), Arc::new(Unshared)),
         };
+        let pool = Pool::new(
+            pool::limits(&config.load()),
+            delivery.clone(),
+            shutdown.clone(),
+        );
+        // Its first mint, at start, makes the proxy ready; then it counts the OAuth
+        // client's channels held by others, before any channel is created.
+        tasks.spawn(foreign::watch(
+            genesys.clone(),
+            tokens.clone(),
+            pool.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
+        // What desktops want goes to the pool, or, in a fleet, to the carriers, which
+        // have the pool carry the topics this replica carries for the fleet.
+        let upstream: Arc<dyn Demand> = match &fleet {
+            Some(fleet) => {
+                fleet.carriers.start(pool.clone(), &tasks, &shutdown);
+                fleet.carriers.clone()
+            }
+            None => Arc::new(pool.clone()),
+        };
         let parts = Parts::new(
             genesys.clone(),
             tokens.clone(),
@@ -162,7 +171,7 @@ impl Proxy {
             shutdown.clone(),
         );
         pool.set_spawner(channel::spawner(parts.clone()));
-        let sessions = Arc::new(Sessions::new(router.clone(), pool.clone(), tasks.clone()));
+        let sessions = Arc::new(Sessions::new(router.clone(), upstream, tasks.clone()));
         let peers = Arc::new(Peers::default());
         let subscriptions = Arc::new(Subscriptions {
             sessions: sessions.clone(),
@@ -345,11 +354,12 @@ impl Proxy {
     /// retire their tokens. All of it within `shutdown_grace`. The admin listener
     /// stops last.
     pub async fn stop(self) {
+        let started = tokio::time::Instant::now();
         let config = self.config.load_full();
         let server = &config.server;
         self.stopping.cancel();
         if let Some((fleet, _)) = &self.fleet {
-            fleet.presence.stop_accepting().await;
+            fleet.begin_drain().await;
         }
         tracing::info!(
             drain_delay = %humantime::format_duration(server.drain_delay),
@@ -371,7 +381,10 @@ impl Proxy {
                     channels = closed.len(),
                     "every client socket is closed: waiting for other replicas to serve their channels"
                 );
-                fleet.hand_over(closed).await;
+                // A second of the grace is left for closing the upstream channels.
+                let deadline =
+                    started + server.shutdown_grace.saturating_sub(Duration::from_secs(1));
+                fleet.hand_over(closed, deadline).await;
             }
             tracing::info!("every client socket is closed: closing the upstream channels");
             self.shutdown.cancel();

@@ -342,8 +342,8 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
         settle(&desktops, &|d| d.expected(stream, &watched, events)).await;
     assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
 
-    // Both replicas carried the topics; each event entered the stream once, and the
-    // one from long ago is gone.
+    // One replica carried the topics upstream (each is subscribed once at Genesys);
+    // each event entered the stream once, and the one from long ago is gone.
     let entries: u64 = redis::cmd("XLEN")
         .arg("handover:events")
         .query_async(&mut connection)
@@ -366,6 +366,49 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
         );
     }
     assert_eq!(published, events as f64);
+    let stats: Value = fake_api.get("/__mock/stats").await.body;
+    assert_eq!(stats["subscriptions"], json!(watched.len()), "{stats}");
+    async fn carried(admin: &Api) -> Option<f64> {
+        metric(admin, "handover_cluster_topics_carried", &[]).await
+    }
+    assert_eq!(
+        (carried(&replicas[0].1).await, carried(&replicas[1].1).await),
+        (Some(2.0), Some(0.0)),
+        "the replica whose desktop came first carries them"
+    );
+
+    // The carrier drains while events flow: the other replica carries the topics
+    // before it lets go, and its desktop misses nothing and hears of no gap.
+    let second = start_stream(&fake_api, &watched, 40.0, events).await;
+    wait_for("the stream to flow", || async {
+        let progress = fake_api.get(&format!("/__mock/streams/{second}")).await;
+        (progress.body["sent"].as_u64() > Some(events / 4)).then_some(())
+    })
+    .await;
+    let (carrier, _) = replicas.remove(0);
+    carrier.stop().await;
+    stream_done(&fake_api, second, Instant::now() + DEADLINE).await;
+    let staying = &desktops[1..];
+    let (lost, duplicated, unexpected) = settle(staying, &|d| {
+        let mut expected = d.expected(stream, &watched, events);
+        expected.extend(d.expected(second, &watched, events));
+        expected
+    })
+    .await;
+    assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
+    assert!(staying[0].log.lock().unwrap().gaps.is_empty());
+    assert_eq!(carried(&replicas[0].1).await, Some(2.0));
+    assert_eq!(
+        metric(
+            &replicas[0].1,
+            "handover_cluster_topics_taken_over_total",
+            &[]
+        )
+        .await,
+        Some(2.0)
+    );
+    let stats: Value = fake_api.get("/__mock/stats").await.body;
+    assert_eq!(stats["subscriptions"], json!(watched.len()), "{stats}");
     for (proxy, _) in replicas {
         proxy.stop().await;
     }
@@ -385,13 +428,16 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
     let (leaving, leaving_client, _) = start_replica(config()).await;
     let (staying, staying_client, staying_admin) = start_replica(config()).await;
 
-    // Two desktops make their channels on one replica, as the SDK does.
+    // Two desktops make their channels on one replica, as the SDK does; the second
+    // also wants a topic nobody else wants.
     let watched = topics("v2.moved", 2);
+    let lonely = "v2.lonely.0".to_owned();
     let mut desktops = Vec::new();
-    for _ in 0..2 {
+    for n in 0..2 {
         let created = leaving_client.post("/api/v2/notifications/channels").await;
         let id = created.body["id"].as_str().unwrap().to_owned();
-        let body: Vec<Value> = watched.iter().map(|t| json!({ "id": t })).collect();
+        let wanted = watched.iter().chain((n == 1).then_some(&lonely));
+        let body: Vec<Value> = wanted.map(|t| json!({ "id": t })).collect();
         let reply = leaving_client
             .send(
                 leaving_client
@@ -440,7 +486,8 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
     expect_event(&mut moved, &after).await;
 
     // The second comes back only after its replica is gone: what was published in
-    // between may never have reached the stream, and it hears of that span.
+    // between on its lonely topic never reached the stream (nobody carried it), and
+    // it hears of that span.
     let mut late = connect(&uri(&desktops[1].0)).await;
     let notice = loop {
         match next_non_heartbeat(&mut late).await {
@@ -458,7 +505,10 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
     let mut named: Vec<String> =
         serde_json::from_value(notice["eventBody"]["topics"].clone()).unwrap();
     named.sort();
-    assert_eq!(named, watched);
+    let mut all = watched.clone();
+    all.push(lonely.clone());
+    all.sort();
+    assert_eq!(named, all);
     // Both channels were taken over, and the late one was replayed what the stream
     // held for it.
     let counted = |name| metric(&staying_admin, name, &[]);
@@ -476,6 +526,9 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
         .await;
     assert_eq!(listed.status, 200);
     assert_eq!(listed.body["entities"].as_array().unwrap().len(), 2);
+    // Each topic is carried upstream once, by the replica left.
+    let stats: Value = fake_api.get("/__mock/stats").await.body;
+    assert_eq!(stats["subscriptions"], json!(3), "{stats}");
     let unknown = staying_client
         .send(staying_client.http.head(format!(
             "{}/api/v2/notifications/channels/nosuchchannel",
@@ -537,6 +590,9 @@ async fn a_subscription_call_that_lands_on_another_replica_is_carried_out_where_
         .await;
     assert_eq!(listed.status, 200);
     assert_eq!(listed.body["entities"].as_array().unwrap().len(), 2);
+    // Each topic is carried upstream once.
+    let stats: Value = fake_api.get("/__mock/stats").await.body;
+    assert_eq!(stats["subscriptions"], json!(2), "{stats}");
     // A refusal (Genesys denies the topic) reads the same wherever the call landed.
     fake_api
         .patch_settings(json!({ "deny_topics": ["v2.secret.*"] }))

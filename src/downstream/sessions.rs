@@ -24,7 +24,7 @@ use super::error::ClientError;
 use crate::metrics::{Readings, Registry};
 use crate::router::{Outbox, Router, SessionId};
 use crate::topic;
-use crate::upstream::pool::Pool;
+use crate::upstream::Demand;
 use crate::upstream::state::{Capacity, TopicOutcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -111,7 +111,8 @@ pub struct TopicAnswer {
 pub struct Sessions {
     channels: DashMap<String, Arc<ClientChannel>>,
     router: Arc<Router>,
-    pool: Arc<Pool>,
+    /// Where topics go upstream: the pool, or the fleet's carriers.
+    upstream: Arc<dyn Demand>,
     /// Subscription changes run here, so that they finish even if nobody waits.
     tasks: TaskTracker,
     /// `handover_client_closes_total{by, code}`: client sockets ended, by who ended
@@ -124,11 +125,11 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(router: Arc<Router>, pool: Arc<Pool>, tasks: TaskTracker) -> Self {
+    pub fn new(router: Arc<Router>, upstream: Arc<dyn Demand>, tasks: TaskTracker) -> Self {
         Self {
             channels: DashMap::new(),
             router,
-            pool,
+            upstream,
             tasks,
             closes: Family::default(),
             transitions: Mutex::new(()),
@@ -330,11 +331,11 @@ impl Sessions {
                 let _serial = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
                 let first = self.router.add(channel.session, &channel.outbox, &added);
                 if !first.is_empty() {
-                    self.pool.want(&first);
+                    self.upstream.want(&first);
                 }
             }
             let outcomes = self
-                .pool
+                .upstream
                 .wait(&added, Instant::now() + SUBSCRIBE_DEADLINE)
                 .await;
             if let Some(error) = self.judge(&outcomes, ignore_errors) {
@@ -385,7 +386,7 @@ impl Sessions {
             return Some(ClientError::new(
                 StatusCode::BAD_REQUEST,
                 "notification.capacity.exceeded",
-                capacity_message(no_capacity, &self.pool.capacity()),
+                capacity_message(no_capacity, &self.upstream.capacity()),
             ));
         }
         if let Some((topic, TopicOutcome::Refused(refusal))) = outcomes
@@ -433,7 +434,7 @@ impl Sessions {
         }
         let _serial = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
         let last = self.router.remove(channel.session, topics);
-        self.pool.release(&last);
+        self.upstream.release(&last);
     }
 }
 

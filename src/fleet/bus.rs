@@ -14,6 +14,9 @@
 //!   reader's routing lock learns where its live frames begin, and is first replayed
 //!   the entries in between that name its topics ([`Bus::history`]), in order, once.
 //!   Only what the stream no longer holds (trimmed by its length bound) is a gap.
+//! - **Gaps.** A gap notice (a channel lost, a topic's carrier gone) is an entry too
+//!   (`g`: its span and topics): the topic's carrier is one replica, and every
+//!   replica's desktops on it, and any replayed later, must hear of it.
 //! - **Redis failing.** While Redis fails, events go straight to this replica's own
 //!   desktops (as without `[cluster]`; the router's own dedup window catches an event
 //!   that was published after all), and nothing is kept. The reader resumes from the
@@ -80,6 +83,22 @@ struct Pending {
     frame: Utf8Bytes,
 }
 
+/// A gap notice on its way to the stream.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct GapEntry {
+    topics: Vec<String>,
+    /// Milliseconds since the epoch.
+    from: u64,
+    to: u64,
+}
+
+impl GapEntry {
+    fn span(&self) -> (SystemTime, SystemTime) {
+        let at = |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        (at(self.from), at(self.to))
+    }
+}
+
 pub struct Bus {
     store: Arc<Store>,
     router: Arc<Router>,
@@ -88,6 +107,7 @@ pub struct Bus {
     /// `server.client_idle`, read at each publish: the stream's age bound.
     config: Arc<ArcSwap<Config>>,
     pending: Mutex<Vec<Pending>>,
+    gaps: Mutex<Vec<GapEntry>>,
     wake: Notify,
     publish: Script,
     /// The reader is connected and reading (events routed from the stream flow).
@@ -113,6 +133,7 @@ impl Bus {
             max_len,
             config,
             pending: Mutex::default(),
+            gaps: Mutex::default(),
             wake: Notify::new(),
             publish: Script::new(PUBLISH),
             reading: AtomicBool::new(false),
@@ -161,6 +182,10 @@ impl Bus {
                 _ = self.wake.notified() => {}
                 _ = shutdown.cancelled() => return,
             }
+            let gaps = std::mem::take(&mut *self.gaps.lock().unwrap_or_else(|p| p.into_inner()));
+            for gap in gaps {
+                self.append_gap(&gap).await;
+            }
             loop {
                 let batch: Vec<Pending> = {
                     let mut pending = self.pending();
@@ -194,6 +219,23 @@ impl Bus {
                     Err(_) => self.deliver_directly(&batch),
                 }
             }
+        }
+    }
+
+    /// Appends a gap notice (or, if Redis fails, tells this replica's desktops).
+    async fn append_gap(&self, gap: &GapEntry) {
+        let mut append = redis::cmd("XADD");
+        append
+            .arg(self.store.keys.events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.max_len)
+            .arg("*")
+            .arg("g")
+            .arg(serde_json::to_string(gap).unwrap_or_default());
+        if self.store.command::<String>(&append).await.is_err() {
+            let (from, to) = gap.span();
+            self.router.notify_gap(&gap.topics, from, to);
         }
     }
 
@@ -330,6 +372,25 @@ impl Bus {
                 break;
             };
             for entry in &page.ids {
+                if let (Some(at), Some(gap)) = (offset(&entry.id), gap_of(entry)) {
+                    let named: Vec<&str> = gap
+                        .topics
+                        .iter()
+                        .filter(|t| {
+                            crate::topic::expansion(t)
+                                .iter()
+                                .any(|e| topics.contains(e.as_str()))
+                        })
+                        .map(String::as_str)
+                        .collect();
+                    if !named.is_empty() {
+                        let (from, to) = gap.span();
+                        history
+                            .frames
+                            .push((at, crate::router::gap_frame(from, to, &named)));
+                    }
+                    continue;
+                }
                 let (Some(at), Some(topic), Some(frame)) = (
                     offset(&entry.id),
                     entry.get::<String>("t"),
@@ -374,6 +435,11 @@ impl Bus {
     }
 
     fn route_entry(&self, at: Offset, entry: &redis::streams::StreamId) {
+        if let Some(gap) = gap_of(entry) {
+            let (from, to) = gap.span();
+            self.router.notify_gap(&gap.topics, from, to);
+            return;
+        }
         let field = |name: &str| entry.get::<String>(name);
         let (Some(topic), Some(frame)) = (field("t"), field("f")) else {
             return;
@@ -382,6 +448,11 @@ impl Bus {
         self.router
             .route_at(at, &topic, correlation.as_deref(), &Utf8Bytes::from(frame));
     }
+}
+
+/// The gap notice stream entry `entry` holds, if it is one.
+fn gap_of(entry: &redis::streams::StreamId) -> Option<GapEntry> {
+    serde_json::from_str(&entry.get::<String>("g")?).ok()
 }
 
 /// What a socket missed, from the stream.
@@ -441,8 +512,25 @@ impl Delivery for Bus {
     }
 
     fn gap(&self, topics: &[String], from: SystemTime, to: SystemTime) {
-        // Each replica carries its own desktops' topics: the gap is this replica's.
-        self.router.notify_gap(topics, from, to);
+        // A topic is carried by one replica for the whole fleet: every replica's
+        // desktops on it missed the span.
+        if !self.store.is_up() || !self.reading.load(Ordering::Acquire) {
+            self.router.notify_gap(topics, from, to);
+            return;
+        }
+        let ms = |at: SystemTime| {
+            at.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        self.gaps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(GapEntry {
+                topics: topics.to_vec(),
+                from: ms(from),
+                to: ms(to),
+            });
+        self.wake.notify_one();
     }
 }
 

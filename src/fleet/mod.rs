@@ -1,6 +1,7 @@
 //! Several replicas as one proxy, on Redis (`[cluster]`): one channel budget for the
-//! fleet ([`leases`]), one stream of events that every replica delivers from
-//! ([`bus`]), and client channels any replica can take over ([`directory`]).
+//! fleet ([`leases`]), each topic carried upstream by one replica ([`carriers`]), one
+//! stream of events that every replica delivers from ([`bus`]), and client channels
+//! any replica can take over ([`directory`]).
 //!
 //! The OAuth client's channels are counted at Genesys across every token and every
 //! process, and the 21st evicts the oldest. Each replica's pool keeps its own budget;
@@ -13,11 +14,13 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `leases` | sorted set | `<replica>/<channel>` → when the lease lapses (ms, Redis' clock): the build's deadline, then the channel's token expiry |
-//! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; about `history_max_len` kept, none older than `client_idle` + 1 min |
+//! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; or a gap notice, `g` (its topics and span, JSON); about `history_max_len` kept, none older than `client_idle` + 1 min |
 //! | `seen:<topic>\|<CorrelationId>` | string | an event's claim, expiring after the dedup window |
 //! | `c:<channel id>` | hash | a client channel's `topics` (JSON), when it was listed (`created`, ms), when a socket last held it (`seen`, ms), how far in `events` it was served (`position`) and the replica that serves it (`owner`); lapses `client_idle` after `seen` |
 //! | `replicas` | sorted set | the replicas that take desktops (ready, not draining) → their last beat (ms) |
-//! | `r:<replica>` | string | a replica's heartbeat: its clock (ms) at its last beat, every 250 ms, lapsing after 3 s |
+//! | `k:<topic>` | hash | a topic's carrier lease: the replica that carries it upstream (`by`), whether Genesys confirmed it (`live`), whether that replica drains (`leaving`), since when the topic may not have been carried (`unsure_since`, ms, until the next carrier is live); kept a minute after its last refresh |
+//! | `w:<topic>` | set | the replicas whose desktops want a topic; kept a minute after its last refresh |
+//! | `r:<replica>` | string | a replica's heartbeat: its clock (ms) at its last beat, every 250 ms (gone after 1.5 s without one), kept a minute |
 //! | `calls:<replica>` | list | subscription calls forwarded to the replica that serves the channel's socket (JSON, with a reply key) |
 //! | `reply:<id>` | list | the answer to one forwarded call |
 //! | `ledger` | string | when this Redis started keeping the leases (ms); its absence means Redis lost them |
@@ -27,6 +30,7 @@
 
 pub mod bus;
 pub mod calls;
+pub mod carriers;
 pub mod directory;
 pub mod leases;
 pub mod presence;
@@ -51,6 +55,8 @@ pub struct Fleet {
     pub store: Arc<store::Store>,
     pub leases: Arc<leases::FleetLeases>,
     pub bus: Arc<bus::Bus>,
+    /// Steers the pool once it exists ([`carriers::Carriers::start`]).
+    pub carriers: Arc<carriers::Carriers>,
     pub directory: Arc<directory::Directory>,
     pub presence: Arc<presence::Presence>,
     pub calls: Arc<calls::Calls>,
@@ -80,7 +86,9 @@ impl Fleet {
         let bus = bus::Bus::new(store.clone(), router, cluster.history_max_len, config);
         tasks.spawn(bus.clone().write(dedup_window, shutdown.clone()));
         tasks.spawn(bus.clone().read(shutdown.clone()));
+        let carriers = carriers::Carriers::new(store.clone(), bus.clone());
         Ok(Self {
+            carriers,
             calls: calls::Calls::new(store.clone()),
             store,
             leases,
@@ -90,12 +98,37 @@ impl Fleet {
         })
     }
 
+    /// A drain begins: this replica takes no more desktops, and hands the topics it
+    /// carries to replicas that want them (carrying each on until its new carrier is
+    /// live).
+    pub async fn begin_drain(&self) {
+        self.presence.stop_accepting().await;
+        self.carriers.begin_drain();
+    }
+
     /// Waits until none of channels `ids` (those a drain closed) is listed as this
-    /// replica's any more: their desktops reconnected elsewhere and that replica
-    /// carries their topics. Then stops beating: the caller lets go of the topics.
-    /// The caller bounds the wait (a desktop may never come back); it ends early
-    /// when no other replica takes desktops.
-    pub async fn hand_over(&self, mut ids: Vec<String>) {
+    /// replica's any more (their desktops reconnected elsewhere), then until the
+    /// topics this replica carries have other live carriers, all until `deadline` at
+    /// most; the first wait ends early when no other replica takes desktops. If
+    /// both ended in time, this replica says it retired: nobody depends on it any
+    /// more. If not, it leaves its last beat: whoever takes a channel or a topic over
+    /// from it announces the span since then. The caller then lets go of the topics.
+    pub async fn hand_over(&self, ids: Vec<String>, deadline: tokio::time::Instant) {
+        let moved = tokio::time::timeout_at(deadline, self.desktops_moved(ids))
+            .await
+            .unwrap_or(false);
+        let handed_off = self.carriers.hand_off(deadline).await;
+        if moved && handed_off {
+            self.presence.retire().await;
+        } else {
+            tracing::warn!(
+                "the drain ends before every desktop and topic is served elsewhere: whoever takes them over announces a gap"
+            );
+        }
+    }
+
+    /// Whether every channel of `ids` came to be served elsewhere.
+    async fn desktops_moved(&self, mut ids: Vec<String>) -> bool {
         while !ids.is_empty() && self.presence.others_accepting().await {
             if let Ok(left) = self.directory.still_mine(&ids).await {
                 ids = left;
@@ -105,13 +138,14 @@ impl Fleet {
             }
             tokio::time::sleep(HAND_OVER_POLL).await;
         }
-        self.presence.retire().await;
+        ids.is_empty()
     }
 
     pub fn register_metrics(&self, registry: &mut Registry) {
         self.store.register_metrics(registry);
         self.leases.register_metrics(registry);
         self.bus.register_metrics(registry);
+        self.carriers.register_metrics(registry);
         self.directory.register_metrics(registry);
         self.calls.register_metrics(registry);
     }

@@ -2,9 +2,10 @@
 //! whether the one that served it kept carrying its topics until now.
 //!
 //! Each replica beats every [`BEAT`]: it writes its clock into `r:<replica>`, which
-//! lapses after [`LAPSE`]. A draining replica stops beating (and deletes the key) only
-//! once its channels have other owners, just before it lets go of its upstream
-//! channels, saying it retired. A replica that takes a channel over from `owner` waits, once its own
+//! is kept for [`KEPT`] (so that others can read when a gone replica beat last); no
+//! beat for [`DEAD_AFTER`] means gone. A draining replica stops beating only once its
+//! channels have other owners and its topics other carriers, just before it lets go
+//! of its upstream channels, saying it retired. A replica that takes a channel over from `owner` waits, once its own
 //! subscriptions are live, for one more beat of the owner: a beat after that moment
 //! means the owner was still carrying the topics when this replica began to, so no
 //! event fell between them. No beat means the owner died (or stopped): its events
@@ -26,13 +27,15 @@ use super::store::Store;
 
 /// How often a replica beats.
 pub const BEAT: Duration = Duration::from_millis(250);
-/// How long a beat stays readable.
+/// How long a replica that beat stays in `replicas` (taking desktops).
 const LAPSE: Duration = Duration::from_secs(3);
+/// How long a beat stays readable.
+pub const KEPT: Duration = Duration::from_secs(60);
 /// A retired replica's last word.
 const RETIRED: &str = "retired";
-/// How long a takeover waits for the owner's next beat: a few beats, so that one
-/// slow write does not make a live replica look dead.
-const BEAT_WAIT: Duration = Duration::from_millis(1500);
+/// No beat for this long means a replica is gone: a few beats, so that one slow
+/// write does not make a live replica look dead.
+pub const DEAD_AFTER: Duration = Duration::from_millis(1500);
 
 pub struct Presence {
     store: Arc<Store>,
@@ -61,7 +64,7 @@ impl Presence {
                 .arg(&key)
                 .arg(now)
                 .arg("PX")
-                .arg(LAPSE.as_millis() as u64)
+                .arg(KEPT.as_millis() as u64)
                 .ignore();
             if self.accepting.load(Ordering::Acquire) {
                 beat.zadd(self.store.keys.replicas(), &self.store.replica, now)
@@ -114,20 +117,27 @@ impl Presence {
         last.arg(self.store.keys.alive(&self.store.replica))
             .arg(RETIRED)
             .arg("PX")
-            .arg(LAPSE.as_millis() as u64);
+            .arg(KEPT.as_millis() as u64);
         let _ = self.store.command::<()>(&last).await;
     }
 
-    /// Whether `replica` beat within the last few seconds.
+    /// Whether `replica` beat within [`DEAD_AFTER`].
     pub async fn is_alive(&self, replica: &str) -> bool {
-        self.store
-            .command::<bool>(redis::cmd("EXISTS").arg(self.store.keys.alive(replica)))
-            .await
-            .unwrap_or(false)
+        let beat = self
+            .store
+            .command::<Option<String>>(redis::cmd("GET").arg(self.store.keys.alive(replica)))
+            .await;
+        let last = beat
+            .ok()
+            .flatten()
+            .and_then(|beat| beat.parse::<u64>().ok());
+        last.is_some_and(|last| {
+            ms(SystemTime::now()).saturating_sub(last) <= DEAD_AFTER.as_millis() as u64
+        })
     }
 
     /// Whether `owner` beat (or retired, having handed its channels over) after now,
-    /// within [`BEAT_WAIT`]; if not, when it beat last (`None` if it has no beat to
+    /// within [`DEAD_AFTER`]; if not, when it beat last (`None` if it has no beat to
     /// read).
     pub async fn outlived(&self, owner: &str) -> Result<(), Option<SystemTime>> {
         let key = self.store.keys.alive(owner);
@@ -144,7 +154,7 @@ impl Presence {
         if first == RETIRED {
             return Ok(());
         }
-        let deadline = tokio::time::Instant::now() + BEAT_WAIT;
+        let deadline = tokio::time::Instant::now() + DEAD_AFTER;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(BEAT / 2).await;
             match read().await {

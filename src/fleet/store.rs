@@ -43,6 +43,11 @@ impl Keys {
         }
     }
 
+    /// What every key begins with (scripts that name keys per topic build them).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Channel slots: `<replica>/<channel>` → when the lease lapses (ms).
     pub fn leases(&self) -> String {
         format!("{}leases", self.prefix)

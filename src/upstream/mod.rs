@@ -10,12 +10,56 @@ pub mod pool;
 pub mod state;
 pub mod sync;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::future::BoxFuture;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use state::ChannelKey;
+use pool::Pool;
+use state::{Capacity, ChannelKey, TopicOutcome};
+
+/// What desktops want carried upstream, seen from the client side: topics that gained
+/// their first subscriber or lost their last. One process carries them itself (the
+/// [`Pool`]); a fleet carries each on one replica (`fleet::carriers`).
+pub trait Demand: Send + Sync {
+    /// Topics that gained their first subscriber (one batch).
+    fn want(&self, topics: &[String]);
+    /// Topics that lost their last subscriber.
+    fn release(&self, topics: &[String]);
+    /// Waits until every topic is live (here or, in a fleet, on the replica that
+    /// carries it) or has failed, at most until `deadline`.
+    fn wait<'a>(
+        &'a self,
+        topics: &'a [String],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Vec<(String, TopicOutcome)>>;
+    /// What the budget allows now (for a client's capacity error).
+    fn capacity(&self) -> Capacity;
+}
+
+impl Demand for Arc<Pool> {
+    fn want(&self, topics: &[String]) {
+        Pool::want(self, topics);
+    }
+
+    fn release(&self, topics: &[String]) {
+        Pool::release(self, topics);
+    }
+
+    fn wait<'a>(
+        &'a self,
+        topics: &'a [String],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Vec<(String, TopicOutcome)>> {
+        Box::pin(Pool::wait(self, topics, deadline))
+    }
+
+    fn capacity(&self) -> Capacity {
+        Pool::capacity(self)
+    }
+}
 
 /// Where upstream events go: the router, seen from below. The upstream side names
 /// no client-side type.

@@ -302,6 +302,16 @@ impl Pool {
         self.apply(|state| state.release(topics, now));
     }
 
+    /// How each topic's subscription stands now (`None`: not settled yet).
+    pub fn outcomes(&self, topics: &[String]) -> Vec<Option<TopicOutcome>> {
+        self.shared().state.outcomes(topics)
+    }
+
+    /// Resolves at the next change of any topic's outcome.
+    pub fn topics_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.topics_changed.notified()
+    }
+
     /// Waits until every topic is live or has failed, at most until `deadline`.
     pub async fn wait(&self, topics: &[String], deadline: Instant) -> Vec<(String, TopicOutcome)> {
         loop {
