@@ -73,6 +73,42 @@ async fn expect_event(socket: &mut Socket, published: &Value) {
     }
 }
 
+/// Where most fleet tests begin: a `redis-server`, the fake keeping
+/// [`TROUBLE_BUDGET`] channels for `client-a`, and that client's secret on file.
+struct Fleet {
+    redis: RedisServer,
+    fake: handover::mock::MockGenesys,
+    fake_api: Api,
+    secrets: Secrets,
+}
+
+impl Fleet {
+    async fn start() -> Self {
+        let redis = RedisServer::start().await;
+        let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
+        let secrets = Secrets::new();
+        secrets.write("a", "secret-a");
+        Self {
+            redis,
+            fake,
+            fake_api,
+            secrets,
+        }
+    }
+
+    /// Starts a replica of the fleet and waits until it is ready.
+    async fn replica(&self) -> (Proxy, Api, Api) {
+        let cluster = format!("redis_url = \"{}\"", self.redis.url());
+        let config = replica_config(
+            &self.fake.base_url(),
+            &self.secrets,
+            TROUBLE_BUDGET,
+            &cluster,
+        );
+        start_replica(config).await
+    }
+}
+
 async fn replica(fake: &str, secrets: &Secrets, redis: &RedisServer) -> (Proxy, Api, Api) {
     let cluster = format!("redis_url = \"{}\"", redis.url());
     start_replica(replica_config(fake, secrets, SURGE_BUDGET, &cluster)).await
@@ -306,14 +342,11 @@ async fn rediss_with_a_private_ca() {
 
 #[tokio::test]
 async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_once() {
-    let redis = RedisServer::start().await;
-    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
-    let secrets = Secrets::new();
-    secrets.write("a", "secret-a");
-    let cluster = format!("redis_url = \"{}\"", redis.url());
+    let fleet = Fleet::start().await;
+    let fake_api = &fleet.fake_api;
     // An event from long ago (1970): the stream keeps none older than client_idle
     // and a minute.
-    let mut connection = redis.connection().await;
+    let mut connection = fleet.redis.connection().await;
     let _: String = redis::cmd("XADD")
         .arg("handover:events")
         .arg("1-1")
@@ -325,19 +358,13 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
     let mut replicas = Vec::new();
     let mut desktops = Vec::new();
     for _ in 0..2 {
-        let (proxy, client, admin) = start_proxy(replica_config(
-            &fake.base_url(),
-            &secrets,
-            TROUBLE_BUDGET,
-            &cluster,
-        ))
-        .await;
+        let (proxy, client, admin) = fleet.replica().await;
         desktops.push(desktop(&client, &watched).await);
         replicas.push((proxy, admin));
     }
     let events = 120;
-    let stream = start_stream(&fake_api, &watched, 30.0, events).await;
-    stream_done(&fake_api, stream, Instant::now() + DEADLINE).await;
+    let stream = start_stream(fake_api, &watched, 30.0, events).await;
+    stream_done(fake_api, stream, Instant::now() + DEADLINE).await;
     let (lost, duplicated, unexpected) =
         settle(&desktops, &|d| d.expected(stream, &watched, events)).await;
     assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
@@ -379,7 +406,7 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
 
     // The carrier drains while events flow: the other replica carries the topics
     // before it lets go, and its desktop misses nothing and hears of no gap.
-    let second = start_stream(&fake_api, &watched, 40.0, events).await;
+    let second = start_stream(fake_api, &watched, 40.0, events).await;
     wait_for("the stream to flow", || async {
         let progress = fake_api.get(&format!("/__mock/streams/{second}")).await;
         (progress.body["sent"].as_u64() > Some(events / 4)).then_some(())
@@ -387,7 +414,7 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
     .await;
     let (carrier, _) = replicas.remove(0);
     carrier.stop().await;
-    stream_done(&fake_api, second, Instant::now() + DEADLINE).await;
+    stream_done(fake_api, second, Instant::now() + DEADLINE).await;
     let staying = &desktops[1..];
     let (lost, duplicated, unexpected) = settle(staying, &|d| {
         let mut expected = d.expected(stream, &watched, events);
@@ -417,16 +444,12 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
 #[tokio::test]
 async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone_hears_of_the_gap()
 {
-    let redis = RedisServer::start().await;
-    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
-    let secrets = Secrets::new();
-    secrets.write("a", "secret-a");
     // The replicas' grace is short: a drain waits that long at most for a desktop
     // to come back.
-    let cluster = format!("redis_url = \"{}\"", redis.url());
-    let config = || replica_config(&fake.base_url(), &secrets, TROUBLE_BUDGET, &cluster);
-    let (leaving, leaving_client, _) = start_replica(config()).await;
-    let (staying, staying_client, staying_admin) = start_replica(config()).await;
+    let fleet = Fleet::start().await;
+    let fake_api = &fleet.fake_api;
+    let (leaving, leaving_client, _) = fleet.replica().await;
+    let (staying, staying_client, staying_admin) = fleet.replica().await;
 
     // Two desktops make their channels on one replica, as the SDK does; the second
     // also wants a topic nobody else wants.
@@ -541,14 +564,10 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
 
 #[tokio::test]
 async fn a_subscription_call_that_lands_on_another_replica_is_carried_out_where_the_socket_is() {
-    let redis = RedisServer::start().await;
-    let (fake, fake_api) = fake_with_budget(TROUBLE_BUDGET).await;
-    let secrets = Secrets::new();
-    secrets.write("a", "secret-a");
-    let cluster = format!("redis_url = \"{}\"", redis.url());
-    let config = || replica_config(&fake.base_url(), &secrets, TROUBLE_BUDGET, &cluster);
-    let (first, first_client, first_admin) = start_replica(config()).await;
-    let (second, second_client, _) = start_replica(config()).await;
+    let fleet = Fleet::start().await;
+    let fake_api = &fleet.fake_api;
+    let (first, first_client, first_admin) = fleet.replica().await;
+    let (second, second_client, _) = fleet.replica().await;
 
     // A balancer spreads the desktop's connections: its channel is made on one
     // replica, its socket lands on the other...

@@ -343,26 +343,19 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
     let chaos_until = started + config.duration - quiet;
     let end_at = started + config.duration;
 
-    // Events, published all along.
-    let published = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let publishing = CancellationToken::new();
-    tasks.spawn(publish(
-        http.clone(),
+    // Events, published all along; the budget, sampled all along.
+    let Traffic {
+        published,
+        samples,
+        publishing,
+    } = Traffic::start(
+        &tasks,
+        &http,
         fake.base_url(),
-        topics.clone(),
+        &topics,
         config.rate,
         config.seed,
-        published.clone(),
-        publishing.clone(),
-    ));
-    // Budget and memory, sampled all along.
-    let samples = Arc::new(std::sync::Mutex::new(Samples::default()));
-    tasks.spawn(sample(
-        http.clone(),
-        fake.base_url(),
-        samples.clone(),
-        publishing.clone(),
-    ));
+    );
     if config.progress {
         tasks.spawn(progress(
             started,
@@ -509,6 +502,46 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
 
 /// Publishes events at `rate` a second on random topics, recording each one's send
 /// time, until `stop`.
+/// Paced events at the fake, and its budget sampled, until `publishing` is cancelled.
+struct Traffic {
+    published: Arc<std::sync::Mutex<Vec<Published>>>,
+    samples: Arc<std::sync::Mutex<Samples>>,
+    publishing: CancellationToken,
+}
+
+impl Traffic {
+    fn start(
+        tasks: &TaskTracker,
+        http: &reqwest::Client,
+        fake: String,
+        topics: &[String],
+        rate: f64,
+        seed: u64,
+    ) -> Self {
+        let traffic = Self {
+            published: Arc::default(),
+            samples: Arc::default(),
+            publishing: CancellationToken::new(),
+        };
+        tasks.spawn(publish(
+            http.clone(),
+            fake.clone(),
+            topics.to_vec(),
+            rate,
+            seed,
+            traffic.published.clone(),
+            traffic.publishing.clone(),
+        ));
+        tasks.spawn(sample(
+            http.clone(),
+            fake,
+            traffic.samples.clone(),
+            traffic.publishing.clone(),
+        ));
+        traffic
+    }
+}
+
 async fn publish(
     http: reqwest::Client,
     fake: String,

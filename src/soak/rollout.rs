@@ -16,10 +16,10 @@ use rand::{RngExt, SeedableRng};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::ProxyProcess;
 use super::balancer::Balancer;
 use super::desktop::Desktop;
 use super::judge::{self, Fault, Seen, Verdict};
-use super::{ProxyProcess, Samples};
 use crate::mock::{ClientSpec, MockConfig, MockGenesys, Settings};
 
 /// What happens to the fleet mid-stream.
@@ -262,25 +262,19 @@ pub async fn run(config: RolloutConfig) -> anyhow::Result<RolloutReport> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let published = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let publishing = CancellationToken::new();
     let started = SystemTime::now();
-    tasks.spawn(super::publish(
-        http.clone(),
+    let super::Traffic {
+        published,
+        samples,
+        publishing,
+    } = super::Traffic::start(
+        &tasks,
+        &http,
         fake.base_url(),
-        topics.clone(),
+        &topics,
         config.rate,
         config.seed,
-        published.clone(),
-        publishing.clone(),
-    ));
-    let samples = Arc::new(std::sync::Mutex::new(Samples::default()));
-    tasks.spawn(super::sample(
-        http.clone(),
-        fake.base_url(),
-        samples.clone(),
-        publishing.clone(),
-    ));
+    );
     tokio::time::sleep(LEAD_IN).await;
 
     let mut marks = Vec::new();
