@@ -73,6 +73,16 @@ async fn expect_event(socket: &mut Socket, published: &Value) {
     }
 }
 
+/// Waits until Genesys (the fake) holds `topics` subscriptions in all: each topic
+/// once. A token-expiry handover has a topic on two channels for its overlap.
+async fn each_topic_subscribed_once(fake: &Api, topics: usize) {
+    wait_for("each topic subscribed once at Genesys", || async {
+        let stats: Value = fake.get("/__mock/stats").await.body;
+        (stats["subscriptions"] == json!(topics)).then_some(())
+    })
+    .await;
+}
+
 /// Where most fleet tests begin: a `redis-server`, the fake keeping
 /// [`TROUBLE_BUDGET`] channels for `client-a`, and that client's secret on file.
 struct Fleet {
@@ -228,13 +238,20 @@ async fn redis_killed_and_restarted_empty_mid_stream_loses_no_event_and_no_lease
             &cluster,
         ))
         .await;
-        let topics = topics(&format!("v2.redis.r{r}"), 2);
+        // One topic each, so that each channel has room for one more.
+        let topics = topics(&format!("v2.redis.r{r}"), 1);
         desktops.push(desktop(&client, &topics).await);
         watched.extend(topics);
         replicas.push((proxy, client, admin));
     }
+    // A desktop on the second replica wants the first one's topic, which the first
+    // replica carries for both.
+    let followed = vec![watched[0].clone()];
+    let follower = desktop(&replicas[1].1, &followed).await;
     let events = 300;
-    let stream = start_stream(&fake_api, &watched, 15.0, events).await;
+    let rate = 15.0;
+    let stream_start = std::time::SystemTime::now();
+    let stream = start_stream(&fake_api, &watched, rate, events).await;
 
     // Redis dies. Both replicas notice (their leases are asserted every second).
     redis.stop().await;
@@ -286,6 +303,47 @@ async fn redis_killed_and_restarted_empty_mid_stream_loses_no_event_and_no_lease
         (0, 0, 0),
         "the desktops kept their live events through Redis' death and return"
     );
+    // The follower's events stopped when Redis died (they came through it); its
+    // replica then carried the topic itself. What it missed in between lies inside
+    // the gap notice it got (give or take the fake's pacing).
+    let expected = follower.expected(stream, &watched, events);
+    {
+        let log = follower.log.lock().unwrap();
+        let missed: Vec<u64> = expected
+            .iter()
+            .filter(|key| !log.events.contains_key(key))
+            .map(|(_, seq)| *seq)
+            .collect();
+        let spans: Vec<(std::time::SystemTime, std::time::SystemTime)> = log
+            .gaps
+            .iter()
+            .filter(|gap| gap["eventBody"]["topics"] == json!(followed))
+            .map(|gap| {
+                let at = |field: &str| {
+                    humantime::parse_rfc3339(gap["eventBody"][field].as_str().unwrap()).unwrap()
+                };
+                (at("from"), at("to"))
+            })
+            .collect();
+        assert!(!spans.is_empty(), "the follower heard of a gap");
+        let pacing = Duration::from_secs(1);
+        for seq in &missed {
+            let sent = stream_start + Duration::from_secs_f64(*seq as f64 / rate);
+            assert!(
+                spans
+                    .iter()
+                    .any(|(from, to)| *from <= sent + pacing && sent <= *to + pacing),
+                "event {seq} (sent about {}) missed outside the gaps {spans:?}",
+                humantime::format_rfc3339_millis(sent)
+            );
+        }
+        assert!(log.events.values().all(|&n| n == 1), "no event twice");
+        println!(
+            "follower: {} of {} events missed, inside gap notices {spans:?}",
+            missed.len(),
+            expected.len()
+        );
+    }
     receives_every_event(&fake_api, &late_desktop, &late_topics).await;
 
     let count = client_count(&fake_api).await;
@@ -393,8 +451,7 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
         );
     }
     assert_eq!(published, events as f64);
-    let stats: Value = fake_api.get("/__mock/stats").await.body;
-    assert_eq!(stats["subscriptions"], json!(watched.len()), "{stats}");
+    each_topic_subscribed_once(fake_api, watched.len()).await;
     async fn carried(admin: &Api) -> Option<f64> {
         metric(admin, "handover_cluster_topics_carried", &[]).await
     }
@@ -434,8 +491,7 @@ async fn a_topic_on_two_replicas_enters_redis_once_and_reaches_every_desktop_onc
         .await,
         Some(2.0)
     );
-    let stats: Value = fake_api.get("/__mock/stats").await.body;
-    assert_eq!(stats["subscriptions"], json!(watched.len()), "{stats}");
+    each_topic_subscribed_once(fake_api, watched.len()).await;
     for (proxy, _) in replicas {
         proxy.stop().await;
     }
@@ -550,8 +606,7 @@ async fn a_desktop_moved_by_a_drain_misses_nothing_and_one_whose_replica_is_gone
     assert_eq!(listed.status, 200);
     assert_eq!(listed.body["entities"].as_array().unwrap().len(), 2);
     // Each topic is carried upstream once, by the replica left.
-    let stats: Value = fake_api.get("/__mock/stats").await.body;
-    assert_eq!(stats["subscriptions"], json!(3), "{stats}");
+    each_topic_subscribed_once(fake_api, 3).await;
     let unknown = staying_client
         .send(staying_client.http.head(format!(
             "{}/api/v2/notifications/channels/nosuchchannel",
@@ -610,8 +665,7 @@ async fn a_subscription_call_that_lands_on_another_replica_is_carried_out_where_
     assert_eq!(listed.status, 200);
     assert_eq!(listed.body["entities"].as_array().unwrap().len(), 2);
     // Each topic is carried upstream once.
-    let stats: Value = fake_api.get("/__mock/stats").await.body;
-    assert_eq!(stats["subscriptions"], json!(2), "{stats}");
+    each_topic_subscribed_once(fake_api, 2).await;
     // A refusal (Genesys denies the topic) reads the same wherever the call landed.
     fake_api
         .patch_settings(json!({ "deny_topics": ["v2.secret.*"] }))

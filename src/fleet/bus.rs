@@ -17,9 +17,10 @@
 //! - **Gaps.** A gap notice (a channel lost, a topic's carrier gone) is an entry too
 //!   (`g`: its span and topics): the topic's carrier is one replica, and every
 //!   replica's desktops on it, and any replayed later, must hear of it.
-//! - **Redis failing.** While Redis fails, events go straight to this replica's own
-//!   desktops (as without `[cluster]`; the router's own dedup window catches an event
-//!   that was published after all), and nothing is kept. The reader resumes from the
+//! - **Redis failing.** While Redis fails, or the reader is not reading, events go
+//!   straight to this replica's own desktops too (as without `[cluster]`), and are
+//!   still appended as soon as Redis takes them, for other replicas' desktops (marked
+//!   `d` with this replica, whose reader skips them). The reader resumes from the
 //!   last entry it routed, so it catches up on what the others published meanwhile.
 
 use std::collections::{HashMap, HashSet};
@@ -44,6 +45,9 @@ use crate::upstream::Delivery;
 
 /// Events per publish call at most.
 pub const BATCH: usize = 256;
+/// Events waiting for Redis at most (while it fails); the oldest beyond are dropped
+/// from the queue, delivered to this replica's desktops only.
+const MAX_PENDING: usize = 16 * BATCH;
 /// Stream entries per read at most.
 pub const READ_COUNT: usize = 512;
 /// How long one read waits for new entries.
@@ -51,18 +55,22 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 
 /// Appends events that are new, then drops those older than the age bound. KEYS:
 /// stream. ARGV: dedup window ms, stream length bound, seen-key prefix, the oldest id
-/// to keep, then (topic, correlation id or "", frame) triples. Returns how many were
-/// appended.
+/// to keep, then (topic, correlation id or "", frame, the replica that delivered it
+/// to its own desktops already or "") quadruples. Returns how many were appended.
 const PUBLISH: &str = r"
 local appended = 0
-for i = 5, #ARGV, 3 do
-  local topic, correlation, frame = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for i = 5, #ARGV, 4 do
+  local topic, correlation, frame, delivered = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local new = true
   if correlation ~= '' then
     new = redis.call('SET', ARGV[3] .. topic .. '|' .. correlation, 1, 'NX', 'PX', ARGV[1])
   end
   if new then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', topic, 'c', correlation, 'f', frame)
+    if delivered ~= '' then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', topic, 'c', correlation, 'f', frame, 'd', delivered)
+    else
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', topic, 'c', correlation, 'f', frame)
+    end
     appended = appended + 1
   end
 end
@@ -81,6 +89,9 @@ struct Pending {
     topic: String,
     correlation: Option<String>,
     frame: Utf8Bytes,
+    /// Delivered to this replica's desktops already (Redis failed, or the reader was
+    /// not reading): its entry says so, and this replica's reader skips it.
+    delivered: bool,
 }
 
 /// A gap notice on its way to the stream.
@@ -167,11 +178,14 @@ impl Bus {
     }
 
     fn deliver_directly(&self, batch: &[Pending]) {
-        for event in batch {
+        let undelivered = batch.iter().filter(|event| !event.delivered);
+        let mut routed = 0;
+        for event in undelivered {
             self.router
                 .route(&event.topic, event.correlation.as_deref(), &event.frame);
+            routed += 1;
         }
-        self.delivered_directly.inc_by(batch.len() as u64);
+        self.delivered_directly.inc_by(routed);
     }
 
     /// Publishes queued events until `shutdown`: whatever queued while one call was in
@@ -210,7 +224,12 @@ impl Bus {
                     invocation
                         .arg(&event.topic)
                         .arg(event.correlation.as_deref().unwrap_or(""))
-                        .arg(event.frame.as_str());
+                        .arg(event.frame.as_str())
+                        .arg(if event.delivered {
+                            self.store.replica.as_str()
+                        } else {
+                            ""
+                        });
                 }
                 match self.store.invoke::<u64>(&invocation).await {
                     Ok(appended) => {
@@ -444,6 +463,9 @@ impl Bus {
         let (Some(topic), Some(frame)) = (field("t"), field("f")) else {
             return;
         };
+        if field("d").as_deref() == Some(self.store.replica.as_str()) {
+            return;
+        }
         let correlation = field("c").filter(|c| !c.is_empty());
         self.router
             .route_at(at, &topic, correlation.as_deref(), &Utf8Bytes::from(frame));
@@ -498,16 +520,30 @@ impl Delivery for Bus {
     fn event(&self, topic: &str, correlation_id: Option<&str>, frame: &Utf8Bytes) {
         // Nothing reaches this replica's desktops from the stream while Redis fails
         // or the reader is not reading: deliver directly rather than not at all.
-        if !self.store.is_up() || !self.reading.load(Ordering::Acquire) {
+        let delivered = !self.store.is_up() || !self.reading.load(Ordering::Acquire);
+        if delivered {
             self.router.route(topic, correlation_id, frame);
             self.delivered_directly.inc();
-            return;
         }
-        self.pending().push(Pending {
-            topic: topic.to_owned(),
-            correlation: correlation_id.map(str::to_owned),
-            frame: frame.clone(),
-        });
+        // Other replicas' desktops on the topic get it only from the stream: it is
+        // appended as soon as Redis answers (the reader, when it reads it, finds it
+        // delivered already: the router drops the second copy).
+        let overflow: Vec<Pending> = {
+            let mut pending = self.pending();
+            pending.push(Pending {
+                topic: topic.to_owned(),
+                correlation: correlation_id.map(str::to_owned),
+                frame: frame.clone(),
+                delivered,
+            });
+            let over = pending.len().saturating_sub(MAX_PENDING);
+            pending.drain(..over).collect()
+        };
+        // Redis has not taken events for a while: the oldest go to this replica's
+        // own desktops at least (other replicas will have taken their topics over).
+        if !overflow.is_empty() {
+            self.deliver_directly(&overflow);
+        }
         self.wake.notify_one();
     }
 

@@ -25,8 +25,11 @@
 //!   that every replica's desktops on the topic hear of it, and a desktop replayed
 //!   later does too.
 //! - **Redis failing.** Each replica carries every topic its own desktops want, as
-//!   without `[cluster]`; when Redis answers again, the copies are folded back into one
-//!   carrier each, make before break.
+//!   without `[cluster]` (at once: a failure wakes the sync); desktops on a topic
+//!   another replica carried hear of a gap from when Redis last answered until it is
+//!   live here. When Redis answers again, the copies are folded back into one carrier
+//!   each, make before break; for [`SETTLING`] after Redis lost its keys nobody is
+//!   dropped for lack of a want or a beat, while every replica says them again.
 //!
 //! Cost: one script per replica every [`TICK`] (and after subscription changes, at
 //! most every [`SPACING`]) with a few commands per topic the replica wants or carries.
@@ -59,19 +62,29 @@ use crate::upstream::{Delivery, Demand};
 pub const TICK: Duration = Duration::from_millis(500);
 /// How often while draining (the new carriers are waited for).
 const DRAINING_TICK: Duration = Duration::from_millis(100);
+/// After Redis lost its keys, how long every replica has to say again what it wants
+/// and carries (a few syncs) before anyone is dropped for lack of a want or a beat.
+const SETTLING: Duration = Duration::from_secs(3);
 /// The least time between two syncs (a burst of subscription changes makes one).
 const SPACING: Duration = Duration::from_millis(50);
 
 /// Tells Redis what this replica wants and carries, takes what it should carry, and
 /// answers who carries the rest. ARGV: key prefix, this replica, now (ms), draining
 /// ('1'), how long without a beat makes a replica gone (ms), how long beats, leases
-/// and wants are kept (ms), then (topic, flags) pairs; flags: 1 wanted here, 2 carried here, 4 live here,
+/// and wants are kept (ms), how long after Redis lost its keys nobody is dropped (ms,
+/// by Redis' clock, from the `ledger` key the leases keep), then (topic, flags) pairs; flags: 1 wanted here, 2 carried here, 4 live here,
 /// 8 failed here. Answers per topic: `{'mine', unsure_since or ''}` (`unsure_since`
 /// only when live here: a gap to announce), `{'took', ''}` (from a carrier that left
 /// or is gone), `{'other', live}` or `{'free', ''}`.
 const SYNC: &str = r"
 local prefix, me, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local draining, dead_after, kept = ARGV[4] == '1', tonumber(ARGV[5]), ARGV[6]
+-- Redis lost its keys lately (it restarted empty): until every replica has said
+-- again what it wants and carries, nobody is dropped for lack of a want or a beat.
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', prefix .. 'ledger', clock, 'NX')
+local settling = clock - tonumber(redis.call('GET', prefix .. 'ledger')) < tonumber(ARGV[7])
 local beats = {}
 -- When `replica` beat last (ms, -1 if no beat is kept), and whether it is alive.
 local function beat(replica)
@@ -82,9 +95,10 @@ local function beat(replica)
   return at, at >= 0 and now - at <= dead_after
 end
 local answers = {}
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local topic, flags = ARGV[i], tonumber(ARGV[i + 1])
   local wanted = flags % 2 == 1 and not draining
+  local carried = math.floor(flags / 2) % 2 == 1
   local live = math.floor(flags / 4) % 2 == 1
   local failed = math.floor(flags / 8) % 2 == 1
   local lease, wants = prefix .. 'k:' .. topic, prefix .. 'w:' .. topic
@@ -95,8 +109,13 @@ for i = 7, #ARGV, 2 do
     redis.call('SREM', wants, me)
   end
   local by = redis.call('HGET', lease, 'by')
+  if not by and carried and settling and not failed then
+    -- Redis lost the lease of a topic this replica carries: it still does.
+    redis.call('HSET', lease, 'by', me, 'live', '0', 'leaving', '0', 'at', now)
+    by = me
+  end
   if by == me then
-    local needed = wanted
+    local needed = wanted or settling
     if not needed then
       for _, other in ipairs(redis.call('SMEMBERS', wants)) do
         local _, alive = beat(other)
@@ -117,9 +136,13 @@ for i = 7, #ARGV, 2 do
       answers[#answers + 1] = {'mine', unsure}
     end
   else
-    local last, alive, leaving = -1, false, false
+    local last, alive, leaving, taken = -1, false, false, -1
     if by then
       last, alive = beat(by)
+      taken = tonumber(redis.call('HGET', lease, 'at') or '') or -1
+      -- No beat kept yet (Redis lost it, or the carrier just took the lease):
+      -- gone only once it had time to beat.
+      if last < 0 and (settling or now - taken <= dead_after) then alive = true end
       leaving = redis.call('HGET', lease, 'leaving') == '1'
     end
     if by and alive and not leaving then
@@ -130,10 +153,12 @@ for i = 7, #ARGV, 2 do
       local unsure = ''
       if by then unsure = redis.call('HGET', lease, 'unsure_since') or '' end
       if by and not alive and unsure == '' then
-        unsure = tostring(last >= 0 and last or now - tonumber(kept))
+        -- From its last beat, or when it took the lease if it never beat since.
+        local since = math.max(last, taken)
+        unsure = tostring(since >= 0 and since or now - tonumber(kept))
       end
       redis.call('DEL', lease)
-      redis.call('HSET', lease, 'by', me, 'live', '0', 'leaving', '0')
+      redis.call('HSET', lease, 'by', me, 'live', '0', 'leaving', '0', 'at', now)
       if unsure ~= '' then redis.call('HSET', lease, 'unsure_since', unsure) end
       redis.call('PEXPIRE', lease, kept)
       answers[#answers + 1] = {by and 'took' or 'mine', ''}
@@ -201,6 +226,9 @@ pub struct Topic {
     /// This replica's pool has it.
     pub carrying: bool,
     pub carrier: Carrier,
+    /// Taken up here while Redis fails from a carrier elsewhere: its events stopped
+    /// reaching this replica at the latest then; a gap to announce once live here.
+    pub unsure_since: Option<SystemTime>,
 }
 
 impl Topic {
@@ -242,11 +270,17 @@ impl Topic {
     }
 
     /// Redis fails: this replica carries what its desktops want, as one process would.
-    pub fn alone(&mut self) -> Option<Step> {
+    /// `last_heard`: when Redis last answered (events carried elsewhere reached this
+    /// replica until then at most).
+    pub fn alone(&mut self, last_heard: SystemTime) -> Option<Step> {
+        let followed = matches!(self.carrier, Carrier::Elsewhere { .. });
         self.carrier = Carrier::Unknown;
         match (self.wanted, self.carrying) {
             (true, false) => {
                 self.carrying = true;
+                if followed {
+                    self.unsure_since = Some(last_heard);
+                }
                 Some(Step::Carry)
             }
             (false, true) => {
@@ -289,6 +323,24 @@ impl Topic {
     pub fn forgotten(&self) -> bool {
         !self.wanted && !self.carrying
     }
+
+    /// The gap to announce now that the pool says `pool`, if any (once): when its
+    /// events flow to this replica again, live here or from a live carrier through
+    /// the stream. Forgotten if its desktops let go of it.
+    pub fn gap_due(&mut self, pool: Option<&TopicOutcome>) -> Option<SystemTime> {
+        let flowing = if self.carrying {
+            pool == Some(&TopicOutcome::Live)
+        } else {
+            self.carrier == (Carrier::Elsewhere { live: true })
+        };
+        if flowing {
+            return self.unsure_since.take();
+        }
+        if !self.wanted {
+            self.unsure_since = None;
+        }
+        None
+    }
 }
 
 pub struct Carriers {
@@ -304,6 +356,8 @@ pub struct Carriers {
     /// After each sync.
     synced: Notify,
     draining: AtomicBool,
+    /// When a sync last had Redis' answer.
+    last_heard: Mutex<SystemTime>,
     sync: Script,
     give_up: Script,
     taken_over: Counter,
@@ -319,6 +373,7 @@ impl Carriers {
             kick: Notify::new(),
             synced: Notify::new(),
             draining: AtomicBool::new(false),
+            last_heard: Mutex::new(SystemTime::now()),
             sync: Script::new(SYNC),
             give_up: Script::new(GIVE_UP),
             taken_over: Counter::default(),
@@ -391,6 +446,9 @@ impl Carriers {
             tokio::select! {
                 _ = self.kick.notified() => {}
                 _ = pool.topics_changed() => {}
+                // Redis ceasing to answer is acted on at once: desktops on topics
+                // carried elsewhere get nothing until this replica carries them.
+                _ = self.store.health_changed() => {}
                 _ = tokio::time::sleep(tick) => {}
                 _ = shutdown.cancelled() => return,
             }
@@ -405,6 +463,7 @@ impl Carriers {
 
     /// One exchange with Redis, and what follows from it.
     async fn sync_once(&self, pool: &Arc<Pool>) {
+        let asked_at = SystemTime::now();
         let sent: Vec<(String, u8)> = {
             let topics = self.topics();
             let names: Vec<String> = topics.keys().cloned().collect();
@@ -429,7 +488,8 @@ impl Carriers {
             .arg(ms(SystemTime::now()))
             .arg(if draining { "1" } else { "0" })
             .arg(DEAD_AFTER.as_millis() as u64)
-            .arg(KEPT.as_millis() as u64);
+            .arg(KEPT.as_millis() as u64)
+            .arg(SETTLING.as_millis() as u64);
         for (topic, flags) in &sent {
             invocation.arg(topic).arg(*flags);
         }
@@ -438,10 +498,19 @@ impl Carriers {
             .invoke::<Vec<(String, String)>>(&invocation)
             .await;
         let mut gaps = Vec::new();
+        // Forgotten only once Redis heard this replica does not want them (else a
+        // carrier would go on carrying them for it).
+        let mut told_unwanted = std::collections::HashSet::new();
         {
             let mut topics = self.topics();
             match answers {
                 Ok(answers) if answers.len() == sent.len() => {
+                    *self.last_heard.lock().unwrap_or_else(|p| p.into_inner()) = asked_at;
+                    told_unwanted.extend(
+                        sent.iter()
+                            .filter(|(_, flags)| flags & 1 == 0)
+                            .map(|(name, _)| name.as_str()),
+                    );
                     for ((name, _), (word, detail)) in sent.iter().zip(answers) {
                         let Some(topic) = topics.get_mut(name) else {
                             continue;
@@ -472,20 +541,31 @@ impl Carriers {
                 // Redis fails (or answered nonsense): carry what this replica's own
                 // desktops want.
                 _ => {
+                    let last_heard = *self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
                     for (name, topic) in topics.iter_mut() {
-                        let step = topic.alone();
+                        let step = topic.alone(last_heard);
                         self.step(pool, name, step);
                     }
                 }
             }
-            topics.retain(|_, topic| !topic.forgotten());
+            let names: Vec<String> = topics.keys().cloned().collect();
+            for (name, outcome) in names.iter().zip(pool.outcomes(&names)) {
+                if let Some(topic) = topics.get_mut(name)
+                    && let Some(since) = topic.gap_due(outcome.as_ref())
+                {
+                    gaps.push((name.clone(), since));
+                }
+            }
+            topics.retain(|name, topic| {
+                !(topic.forgotten() && told_unwanted.contains(name.as_str()))
+            });
         }
         let now = SystemTime::now();
         for (topic, since) in gaps {
             tracing::warn!(
                 topic,
                 since = %humantime::format_rfc3339_millis(since),
-                "topic taken over from a carrier that is gone: every desktop on it hears of the span in which it may not have been carried"
+                "topic taken over from a carrier that is gone or out of reach: its desktops hear of the span in which it may not have reached them"
             );
             self.delivery.gap(&[topic], since, now);
         }
@@ -591,17 +671,7 @@ impl Demand for Carriers {
                         .collect()
                 };
                 if !outcomes.iter().any(Option::is_none) || Instant::now() >= deadline {
-                    return topics
-                        .iter()
-                        .cloned()
-                        .zip(outcomes)
-                        .map(|(t, o)| {
-                            (
-                                t,
-                                o.unwrap_or(TopicOutcome::Failed("not live upstream in time")),
-                            )
-                        })
-                        .collect();
+                    return crate::upstream::state::answers(topics, outcomes);
                 }
                 tokio::select! {
                     _ = synced => {}
@@ -674,7 +744,7 @@ mod tests {
                         None
                     }
                     Event::Heard(word, draining) => topic.heard(word, draining),
-                    Event::Alone => topic.alone(),
+                    Event::Alone => topic.alone(SystemTime::UNIX_EPOCH),
                 };
                 match step {
                     Some(Step::Carry) => {
@@ -736,7 +806,11 @@ mod tests {
     #[test]
     fn a_copy_is_let_go_only_once_another_carrier_is_live() {
         let mut topic = wanted();
-        assert_eq!(topic.alone(), Some(Step::Carry), "Redis failed");
+        assert_eq!(
+            topic.alone(SystemTime::UNIX_EPOCH),
+            Some(Step::Carry),
+            "Redis failed"
+        );
         assert_eq!(topic.heard(Word::Other { live: false }, false), None);
         assert!(topic.carrying, "make before break");
         assert_eq!(
@@ -802,17 +876,45 @@ mod tests {
     #[test]
     fn redis_failing_means_carrying_exactly_what_is_wanted_here() {
         let mut carried_for_others = Topic {
-            wanted: false,
             carrying: true,
             carrier: Carrier::Here,
+            ..Topic::default()
         };
-        assert_eq!(carried_for_others.alone(), Some(Step::Release));
+        assert_eq!(
+            carried_for_others.alone(SystemTime::UNIX_EPOCH),
+            Some(Step::Release)
+        );
         let mut followed = Topic {
             wanted: true,
-            carrying: false,
             carrier: Carrier::Elsewhere { live: true },
+            ..Topic::default()
         };
-        assert_eq!(followed.alone(), Some(Step::Carry));
+        let last_heard = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
+        assert_eq!(followed.alone(last_heard), Some(Step::Carry));
         assert_eq!(followed.carrier, Carrier::Unknown);
+        // Its events stopped reaching this replica when Redis last answered: its
+        // desktops hear of that once the topic is live here, once.
+        assert_eq!(followed.gap_due(None), None);
+        assert_eq!(
+            followed.gap_due(Some(&TopicOutcome::Live)),
+            Some(last_heard)
+        );
+        assert_eq!(followed.gap_due(Some(&TopicOutcome::Live)), None);
+        // If Redis answers first, and another carrier is live, the events flow from
+        // it again: the gap is told then.
+        let mut waiting = wanted();
+        waiting.heard(Word::Other { live: true }, false);
+        waiting.alone(last_heard);
+        assert_eq!(waiting.gap_due(Some(&TopicOutcome::NoCapacity)), None);
+        assert_eq!(
+            waiting.heard(Word::Other { live: true }, false),
+            Some(Step::Release)
+        );
+        assert_eq!(waiting.gap_due(None), Some(last_heard));
+        // One this replica carried itself lost nothing.
+        let mut carried = wanted();
+        carried.heard(Word::Mine { unsure_since: None }, false);
+        assert_eq!(carried.alone(last_heard), None);
+        assert_eq!(carried.gap_due(Some(&TopicOutcome::Live)), None);
     }
 }

@@ -14,7 +14,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `leases` | sorted set | `<replica>/<channel>` → when the lease lapses (ms, Redis' clock): the build's deadline, then the channel's token expiry |
-//! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame; or a gap notice, `g` (its topics and span, JSON); about `history_max_len` kept, none older than `client_idle` + 1 min |
+//! | `events` | stream | every upstream event once: `t` topic, `c` CorrelationId, `f` the frame, `d` the replica that delivered it to its own desktops already (Redis was failing); or a gap notice, `g` (its topics and span, JSON); about `history_max_len` kept, none older than `client_idle` + 1 min |
 //! | `seen:<topic>\|<CorrelationId>` | string | an event's claim, expiring after the dedup window |
 //! | `c:<channel id>` | hash | a client channel's `topics` (JSON), when it was listed (`created`, ms), when a socket last held it (`seen`, ms), how far in `events` it was served (`position`) and the replica that serves it (`owner`); lapses `client_idle` after `seen` |
 //! | `replicas` | sorted set | the replicas that take desktops (ready, not draining) → their last beat (ms) |

@@ -106,6 +106,8 @@ pub struct Store {
     /// a new one).
     pub replica: String,
     up: AtomicBool,
+    /// Wakes whoever waits on Redis starting or ceasing to answer.
+    health: tokio::sync::Notify,
     errors: Counter,
     calls: Counter,
 }
@@ -156,6 +158,7 @@ impl Store {
             keys: Keys::new(&config.key_prefix),
             replica: format!("{:016x}", rand::random::<u64>()),
             up: AtomicBool::new(true),
+            health: tokio::sync::Notify::new(),
             errors: Counter::default(),
             calls: Counter::default(),
         }))
@@ -184,6 +187,11 @@ impl Store {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Resolves when Redis next starts or ceases to answer.
+    pub fn health_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.health.notified()
     }
 
     /// Runs a script (`EVALSHA`, loading it when Redis lost it).
@@ -248,12 +256,14 @@ impl Store {
         match result {
             Ok(_) => {
                 if !self.up.swap(true, Ordering::AcqRel) {
+                    self.health.notify_waiters();
                     tracing::info!("Redis answers again: channels take fleet leases again");
                 }
             }
             Err(error) => {
                 self.errors.inc();
                 if self.up.swap(false, Ordering::AcqRel) {
+                    self.health.notify_waiters();
                     tracing::warn!(%error, "Redis fails: new upstream channels only within cluster.local_share until it answers");
                 }
             }

@@ -321,17 +321,7 @@ impl Pool {
             let outcomes = self.shared().state.outcomes(topics);
             let pending = outcomes.iter().any(Option::is_none);
             if !pending || Instant::now() >= deadline || self.shutdown.is_cancelled() {
-                return topics
-                    .iter()
-                    .cloned()
-                    .zip(outcomes)
-                    .map(|(t, o)| {
-                        (
-                            t,
-                            o.unwrap_or(TopicOutcome::Failed("not live upstream in time")),
-                        )
-                    })
-                    .collect();
+                return super::state::answers(topics, outcomes);
             }
             tokio::select! {
                 _ = notified => {}

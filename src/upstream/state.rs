@@ -52,6 +52,25 @@ pub enum TopicOutcome {
     Failed(&'static str),
 }
 
+/// The answer for each of `topics` from its `outcomes`: those not settled by the
+/// deadline were not live upstream in time.
+pub fn answers(
+    topics: &[String],
+    outcomes: Vec<Option<TopicOutcome>>,
+) -> Vec<(String, TopicOutcome)> {
+    topics
+        .iter()
+        .cloned()
+        .zip(outcomes)
+        .map(|(t, o)| {
+            (
+                t,
+                o.unwrap_or(TopicOutcome::Failed("not live upstream in time")),
+            )
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum TopicState {
     Pending,
