@@ -3,7 +3,7 @@
 //! Desktops on several replicas may want one topic; without this, each replica would
 //! subscribe it on a channel of its own, and a topic on N replicas would take a place
 //! on N channels of the OAuth client's 20. Instead, one replica holds the topic's
-//! **carrier lease** (`k:<topic>`, a hash: `by`, `live`, `leaving`, `unsure_since`)
+//! **carrier lease** (`k:<topic>`, a hash: `by`, `live`, `leaving`, `unsure_since`, `at`)
 //! and subscribes it upstream; every replica that wants it is in `w:<topic>` (a set),
 //! and all of them deliver it from the fleet's stream ([`super::bus`]), where the
 //! carrier appends its events.
@@ -652,7 +652,7 @@ impl Demand for Carriers {
     ) -> BoxFuture<'a, Vec<(String, TopicOutcome)>> {
         Box::pin(async move {
             let Some(pool) = self.pool() else {
-                return Vec::new();
+                return crate::upstream::state::answers(topics, vec![None; topics.len()]);
             };
             loop {
                 let (synced, changed) = (self.synced.notified(), pool.topics_changed());
