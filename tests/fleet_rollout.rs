@@ -12,6 +12,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::redis_server::RedisServer;
 use handover::soak::rollout::{Disruption, RolloutConfig, RolloutReport, run};
@@ -61,6 +62,17 @@ async fn a_replica_killed_mid_stream_loses_nothing_silently() {
         "every event reached its desktops or fell in a gap they were told of: {table}"
     );
     assert_eq!(v.gaps_without_cause, 0, "{table}");
+    // Duplicates only of events sent shortly before the kill (the README's bound).
+    assert_eq!(v.duplicated_without_cause, 0, "{table}");
+    assert!(
+        v.duplicated_before_fault <= Some(Duration::from_secs(2)),
+        "duplicates of events sent long before the kill: {:?}\n{table}",
+        v.duplicated_before_fault
+    );
+    println!(
+        "duplicated {} events, sent at most {:?} before the kill",
+        v.duplicated, v.duplicated_before_fault
+    );
     kept_channels_within_budget(&report, &table);
 }
 

@@ -67,6 +67,11 @@ pub struct Verdict {
     /// before the proxy could have told it.
     pub left_before_told: usize,
     pub duplicated: usize,
+    /// The longest a duplicated event was sent before the unplanned fault that
+    /// followed it (a crash replays from a position refreshed every second).
+    pub duplicated_before_fault: Option<Duration>,
+    /// Duplicated events that no unplanned fault followed.
+    pub duplicated_without_cause: usize,
     pub gaps: usize,
     pub gaps_without_cause: usize,
     pub recoveries: Vec<Duration>,
@@ -123,6 +128,18 @@ pub fn judge(
                     Some(count) => {
                         verdict.delivered += 1;
                         verdict.duplicated += (count - 1) as usize;
+                        let lead = faults
+                            .iter()
+                            .filter(|f| f.unplanned)
+                            .filter_map(|f| f.at.duration_since(event.sent).ok())
+                            .min();
+                        match lead {
+                            Some(lead) => {
+                                verdict.duplicated_before_fault =
+                                    verdict.duplicated_before_fault.max(Some(lead));
+                            }
+                            None => verdict.duplicated_without_cause += 1,
+                        }
                         example(
                             &mut verdict,
                             format!(
