@@ -92,8 +92,30 @@ pub struct RolloutReport {
     pub delivered: Vec<u64>,
     pub marks: Vec<Mark>,
     pub published: usize,
-    /// Where the replicas' logs are.
-    pub logs: PathBuf,
+    /// The replicas' logs.
+    pub logs: Logs,
+}
+
+/// The directory of a run's config, secret and replica logs: removed when the report
+/// is dropped, unless that happens while a failed test unwinds (then it is kept, and
+/// named on stderr: the replicas' logs are what explains the failure). A run that
+/// ends in an error keeps it too.
+pub struct Logs(PathBuf);
+
+impl Logs {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the replicas' logs are kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// The width of one bar of the delivery plot.
@@ -212,7 +234,7 @@ pub async fn run(config: RolloutConfig) -> anyhow::Result<RolloutReport> {
     })
     .await?;
     let balancer = Balancer::start(http.clone(), &tasks, shutdown.clone()).await?;
-    // Kept after the run: the replicas' logs are what explains a failure.
+    // Kept if the run fails (see [`Logs`]).
     let dir = std::env::temp_dir().join(format!(
         "handover-rollout-{}-{:08x}",
         std::process::id(),
@@ -379,7 +401,7 @@ pub async fn run(config: RolloutConfig) -> anyhow::Result<RolloutReport> {
         delivered,
         marks,
         published: published.len(),
-        logs: dir,
+        logs: Logs(dir),
     })
 }
 
