@@ -216,15 +216,18 @@ async fn perform(
             Ok(1)
         }
         Step::MaintenanceClose => {
+            // Genesys warns about a minute ahead; 6 s is enough here for both channels
+            // to hand over one after the other through the one spare slot, even on a
+            // busy machine (3 s was not, once, in CI).
             say(
-                "maintenance: Genesys warns every socket (socket_closing) and closes them 3 s later",
+                "maintenance: Genesys warns every socket (socket_closing) and closes them 6 s later",
             );
             control(
                 http,
                 fake,
                 "POST",
                 "socket-closing",
-                json!({"close_after": "3s"}),
+                json!({"close_after": "6s"}),
             )
             .await?;
             Ok(0)
