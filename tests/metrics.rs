@@ -60,6 +60,21 @@ async fn metrics_parse_and_move() {
         .patch_settings(json!({"rate_limit_per_min": 1, "rate_window": "1s"}))
         .await;
     let late = desktop(&w.client, &["v2.metrics.late".to_owned()]).await;
+    // A second change right after the first: the channel's token made a call within
+    // the second, whatever the machine's speed.
+    let second = w
+        .client
+        .send(
+            w.client
+                .http
+                .post(format!(
+                    "{}/api/v2/notifications/channels/{}/subscriptions",
+                    w.client.base, late.channel
+                ))
+                .json(&json!([{ "id": "v2.metrics.late2" }])),
+        )
+        .await;
+    assert_eq!(second.status, 200, "{}", second.body);
     w.fake_api
         .patch_settings(json!({"rate_limit_per_min": 300, "rate_window": "60s"}))
         .await;
